@@ -1,1 +1,51 @@
-"""placeholder"""
+"""ncz.format: the .ncz container, its section codecs and the entropy coders.
+
+This package is the only one that imports constriction, zstandard and msgpack.
+docs/FORMAT.md is the normative byte layout; the names below map onto it:
+
+- prelude, header, table, footer ........ :mod:`ncz.format.container`
+- ``Kind``, ``Codec``, ``SectionFlag`` ... :mod:`ncz.format.enums`
+- raw / zstd section codecs ............. :mod:`ncz.format.section_codecs`
+- canonical msgpack ..................... :mod:`ncz.format.canonical`
+- xxh3-64 checksums ..................... :mod:`ncz.format.checksum`
+
+The exception tree is drawn in :mod:`ncz.format.errors`.
+"""
+
+from .container import ALIGNMENT, MAGIC, VERSION, Limits, Reader, SectionInfo, Writer, open, open_bytes
+from .enums import Codec, Kind, SectionFlag
+from .errors import (
+    ChecksumError,
+    FormatError,
+    LimitError,
+    NczError,
+    StreamError,
+    TruncatedError,
+    UnsupportedError,
+    UsageError,
+    VersionError,
+)
+
+__all__ = [
+    "ALIGNMENT",
+    "MAGIC",
+    "VERSION",
+    "Limits",
+    "Reader",
+    "SectionInfo",
+    "Writer",
+    "open",
+    "open_bytes",
+    "Codec",
+    "Kind",
+    "SectionFlag",
+    "NczError",
+    "FormatError",
+    "TruncatedError",
+    "UnsupportedError",
+    "VersionError",
+    "ChecksumError",
+    "LimitError",
+    "StreamError",
+    "UsageError",
+]

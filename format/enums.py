@@ -1,0 +1,31 @@
+"""On-disk identifiers. docs/FORMAT.md lists the same numbers (checked by a test).
+
+Ids are never reused: a retired id stays reserved forever.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["Kind", "Codec", "SectionFlag"]
+
+
+class Kind(enum.IntEnum):
+    """What a section's decoded bytes mean (FORMAT.md §5.1)."""
+
+    METADATA = 1  # canonical msgpack map of user metadata
+    BLOB = 2  # opaque bytes
+    TENSOR = 3  # dense little-endian tensor; params: dtype, shape
+
+
+class Codec(enum.IntEnum):
+    """How a section's stored bytes turn into its decoded bytes (FORMAT.md §5.2)."""
+
+    RAW = 0  # stored == decoded; payload 64-byte aligned, mmap-able
+    ZSTD = 1  # one zstd frame with its content size declared
+
+
+class SectionFlag(enum.IntFlag):
+    """Bit flags of a section entry (FORMAT.md §4.3)."""
+
+    CRITICAL = 1  # a reader that does not understand the section MUST refuse the file
