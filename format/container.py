@@ -65,7 +65,7 @@ PRELUDE_COVERED = 16  # header_xxh3 covers prelude bytes [0, 16) and the header
 FOOTER = struct.Struct("<QQQ8s")  # table_offset, table_length, table_xxh3, magic
 ENTRY_FIELDS = ("name", "kind", "codec", "flags", "offset", "stored_length", "decoded_length", "checksum", "params")
 MAX_NAME_BYTES = 255
-KNOWN_FLAGS = int(SectionFlag.CRITICAL)
+KNOWN_FLAGS = int(SectionFlag.CRITICAL | SectionFlag.ALIGNED)
 
 # dtype name -> item size, for TENSOR sections (FORMAT.md §5.1)
 TENSOR_DTYPES = {
@@ -111,6 +111,10 @@ class SectionInfo:
         return bool(self.flags & SectionFlag.CRITICAL)
 
     @property
+    def aligned(self) -> bool:
+        return bool(self.flags & SectionFlag.ALIGNED)
+
+    @property
     def known(self) -> bool:
         """True when this reader understands both the kind and the codec."""
         return _known_kind(self.kind) and get_codec(self.codec) is not None
@@ -138,9 +142,10 @@ def _known_codec(value: int) -> bool:
     return value in Codec._value2member_map_
 
 
-def _align(offset: int, codec_id: int) -> int:
-    spec = get_codec(codec_id)
-    if spec is None or not spec.aligned:
+def _align(offset: int, flags: int) -> int:
+    # Placement depends on the flags only, so a reader can check the layout of
+    # sections whose codec it does not know.
+    if not flags & SectionFlag.ALIGNED:
         return offset
     return -(-offset // ALIGNMENT) * ALIGNMENT
 
@@ -264,12 +269,12 @@ class Writer:
         params = dict(params or {})
         canonical.pack(params)  # fail now, not at close, on unstorable params
         _check_params(int(kind), params, decoded_length, f"section {name!r}", Limits())
-        offset = _align(self._position, int(codec))
+        flags = (int(SectionFlag.CRITICAL) if critical else 0) | (int(SectionFlag.ALIGNED) if get_codec(int(codec)).aligned else 0)
+        offset = _align(self._position, flags)
         if offset > self._position:
             self._file.write(bytes(offset - self._position))
         self._file.write(stored)
         self._position = offset + len(stored)
-        flags = int(SectionFlag.CRITICAL) if critical else 0
         info = SectionInfo(
             name, int(kind), int(codec), flags, offset, len(stored), int(decoded_length), xxh3_64(stored), params
         )
@@ -401,7 +406,7 @@ class Reader:
             where = self._err(f"section {info.name!r}")
             if info.name in sections:
                 raise FormatError(self._err(f"section[{index}].name {info.name!r} is not unique"))
-            expected = _align(position, info.codec)
+            expected = _align(position, info.flags)
             if info.offset != expected:
                 raise FormatError(f"{where}: offset is {info.offset}, expected {expected} (sections are packed in table order)")
             end = info.offset + info.stored_length
@@ -414,6 +419,8 @@ class Reader:
                     what = f"kind {info.kind}" if not _known_kind(info.kind) else f"codec {info.codec}"
                     raise UnsupportedError(f"{where}: critical section uses unknown {what}; upgrade ncz to read this file")
             else:
+                if get_codec(info.codec).aligned and not info.flags & SectionFlag.ALIGNED:
+                    raise FormatError(f"{where}: codec {info.codec_name} requires flag ALIGNED")
                 if info.codec == Codec.RAW and info.decoded_length != info.stored_length:
                     raise FormatError(f"{where}: raw section has stored_length {info.stored_length} != decoded_length {info.decoded_length}")
                 _check_params(info.kind, info.params, info.decoded_length, where, self.limits)

@@ -29,3 +29,4 @@ class SectionFlag(enum.IntFlag):
     """Bit flags of a section entry (FORMAT.md §4.3)."""
 
     CRITICAL = 1  # a reader that does not understand the section MUST refuse the file
+    ALIGNED = 2  # the payload starts at a multiple of 64 bytes (RAW sections always)

@@ -1,0 +1,43 @@
+"""Golden conformance vectors: never skipped. A change here means a version bump."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+import ncz.format as nf
+from ncz.tools import make_vectors
+from tests.conftest import VECTORS
+
+make_vectors._load_plugins()
+NAMES = sorted(p.stem for p in VECTORS.glob("*.ncz"))
+
+
+def test_every_registered_vector_is_committed():
+    assert NAMES, "tests/vectors is empty"
+    assert set(NAMES) == set(make_vectors.VECTORS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_writer_reproduces_vector_bytes(name):
+    assert make_vectors.build(name) == (VECTORS / f"{name}.ncz").read_bytes()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reader_decodes_vector(name):
+    expected = json.loads((VECTORS / f"{name}.json").read_text())
+    path = VECTORS / f"{name}.ncz"
+    data = path.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == expected["file_sha256"]
+    with nf.open(path) as reader:
+        reader.verify()
+        assert list(reader.version) == expected["version"]
+        assert sorted(reader.metadata) == expected["metadata_keys"]
+        assert len(reader.sections) == len(expected["sections"])
+        for info, want in zip(reader.sections, expected["sections"]):
+            assert (info.name, info.kind, info.codec, info.critical) == (
+                want["name"], want["kind"], want["codec"], want["critical"])
+            if want["decoded_sha256"] is not None:
+                assert hashlib.sha256(reader.read(info.name)).hexdigest() == want["decoded_sha256"]

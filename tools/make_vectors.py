@@ -1,0 +1,130 @@
+"""Regenerate the golden conformance vectors in tests/vectors/.
+
+    python -m ncz.tools.make_vectors [--out tests/vectors] [--check]
+
+Each vector is a small .ncz file plus a JSON describing what it must decode to
+(section names, kinds, codecs, params, sha256 of the decoded bytes). The
+reference writer must reproduce the .ncz files byte for byte (``--check``); a
+changed vector means a format version bump (docs/FORMAT.md §8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ncz.format import Codec, Kind, Writer, open_bytes
+
+__all__ = ["VECTORS", "build", "describe", "main"]
+
+
+def _empty(w: Writer) -> None:
+    pass
+
+
+def _basic(w: Writer) -> None:
+    w.add("hello", b"hello, ncz\n", kind=Kind.BLOB, codec=Codec.RAW)
+    ramp = np.arange(24, dtype="<f4").reshape(2, 3, 4)
+    w.add("ramp", ramp.tobytes(), kind=Kind.TENSOR, codec=Codec.RAW, params={"dtype": "float32", "shape": [2, 3, 4]})
+    w.add("empty", b"", kind=Kind.BLOB, codec=Codec.RAW)
+
+
+def _zstd(w: Writer) -> None:
+    text = b"".join(b"line %d of a repetitive text section\n" % (i % 17) for i in range(300))
+    w.add("text", text, kind=Kind.BLOB, codec=Codec.ZSTD, options={"level": 19})
+    ints = (np.arange(1000, dtype="<i8") // 10).astype("<i8")
+    w.add("ints", ints.tobytes(), kind=Kind.TENSOR, codec=Codec.ZSTD, params={"dtype": "int64", "shape": [1000]})
+    w.add("bf16", np.array([0x3F80, 0xC000, 0x7F80, 0x7FC0], dtype="<u2").tobytes(), kind=Kind.TENSOR,
+          codec=Codec.RAW, params={"dtype": "bfloat16", "shape": [2, 2]})
+
+
+def _metadata(w: Writer) -> None:
+    from ncz.format import canonical
+
+    w.add("meta", canonical.pack({"z": [1, 2.5, None, True], "a": {"nested": b"\x00\x01"}, "unicode": "λ→ü"}),
+          kind=Kind.METADATA, codec=Codec.RAW)
+    w.add("ancillary-note", b"readers may skip me", kind=Kind.BLOB, codec=Codec.ZSTD, critical=False)
+
+
+VECTORS: dict[str, tuple[dict, Callable[[Writer], None]]] = {
+    "empty": ({}, _empty),
+    "basic": ({"title": "basic vector"}, _basic),
+    "zstd": ({}, _zstd),
+    "metadata": ({"created_by": "ncz vectors", "n": 3}, _metadata),
+}
+
+
+def register(name: str, metadata: dict, fill: Callable[[Writer], None]) -> None:
+    """Let other layers (entropy coding, images, models) add their vectors."""
+    VECTORS[name] = (metadata, fill)
+
+
+def build(name: str) -> bytes:
+    metadata, fill = VECTORS[name]
+    buffer = io.BytesIO()
+    with Writer(buffer, metadata=metadata) as writer:
+        fill(writer)
+    return buffer.getvalue()
+
+
+def describe(data: bytes, name: str) -> dict:
+    """What a conforming reader must see in ``data``."""
+    reader = open_bytes(data, name=name)
+    sections = []
+    for info in reader.sections:
+        decoded = reader.read(info.name) if info.known and not info.params.get("external") else None
+        sections.append({
+            "name": info.name, "kind": info.kind, "codec": info.codec, "critical": info.critical,
+            "stored_length": info.stored_length, "decoded_length": info.decoded_length,
+            "decoded_sha256": hashlib.sha256(decoded).hexdigest() if decoded is not None else None,
+        })
+    return {
+        "file_sha256": hashlib.sha256(data).hexdigest(),
+        "file_length": len(data),
+        "version": list(reader.version),
+        "metadata_keys": sorted(reader.metadata),
+        "sections": sections,
+    }
+
+
+def _load_plugins() -> None:
+    # entropy vectors register themselves on import, if that layer exists
+    try:
+        import ncz.format.entropy_vectors  # noqa: F401
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ncz.tools.make_vectors", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="tests/vectors", type=Path)
+    parser.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on a difference")
+    args = parser.parse_args(argv)
+    _load_plugins()
+    args.out.mkdir(parents=True, exist_ok=True)
+    status = 0
+    for name in sorted(VECTORS):
+        data = build(name)
+        description = json.dumps(describe(data, name), indent=2, sort_keys=True) + "\n"
+        path = args.out / f"{name}.ncz"
+        if args.check:
+            same = path.exists() and path.read_bytes() == data
+            if not same:
+                print(f"{path}: differs from the reference writer", file=sys.stderr)
+                status = 1
+        else:
+            path.write_bytes(data)
+            (args.out / f"{name}.json").write_text(description)
+            print(f"{path}: {len(data)} bytes")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
