@@ -182,19 +182,28 @@ class Writer:
 
     ``target`` is a path (written to a temporary file in the same folder and
     renamed on :meth:`close`, so a crash never leaves a half file under the
-    final name) or a writable binary stream (written in place). Same sections in
+    final name; ``durable`` also fsyncs before the rename, so after a power loss
+    the final name holds either the old file or the whole new one) or a writable
+    binary stream (written in place). Same sections in
     the same order give the same bytes::
 
         with Writer("out.ncz", metadata={"source": "demo"}) as w:
             w.add("weights", data, kind=Kind.TENSOR, params={"dtype": "float32", "shape": [4]})
     """
 
-    def __init__(self, target: str | os.PathLike[str] | BinaryIO, *, metadata: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        target: str | os.PathLike[str] | BinaryIO,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        durable: bool = True,
+    ):
         header = canonical.pack(dict(metadata or {}))
         if len(header) > Limits().max_header_bytes:
             raise UsageError(f"header metadata is {len(header)} bytes; the limit is {Limits().max_header_bytes}")
         self._path: Path | None = None
         self._tmp: str | None = None
+        self._durable = durable
         if isinstance(target, (str, os.PathLike)):
             self._path = Path(target)
             fd, self._tmp = tempfile.mkstemp(prefix=f".{self._path.name}.", suffix=".tmp", dir=self._path.parent or ".")
@@ -292,7 +301,8 @@ class Writer:
         self._closed = True
         if self._tmp is not None and self._path is not None:
             self._file.flush()
-            os.fsync(self._file.fileno())
+            if self._durable:  # data on disk before the rename makes it visible
+                os.fsync(self._file.fileno())
             self._file.close()
             os.chmod(self._tmp, 0o644)
             os.replace(self._tmp, self._path)

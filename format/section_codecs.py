@@ -57,10 +57,10 @@ def get_codec(codec_id: int) -> SectionCodec | None:
 # --- raw -------------------------------------------------------------------
 
 
-def _raw_encode(data: Buffer, options: Mapping[str, Any]) -> tuple[bytes, dict[str, Any]]:
+def _raw_encode(data: Buffer, options: Mapping[str, Any]) -> tuple[Buffer, dict[str, Any]]:
     if options:
         raise UsageError(f"codec raw takes no options, got {sorted(options)}")
-    return bytes(data), {}
+    return data, {}  # no copy: the writer streams the caller's buffer
 
 
 def _raw_decode(stored: Buffer, params: Mapping[str, Any], decoded_length: int, where: str) -> bytes:
