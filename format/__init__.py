@@ -8,11 +8,17 @@ docs/FORMAT.md is the normative byte layout; the names below map onto it:
 - raw / zstd section codecs ............. :mod:`ncz.format.section_codecs`
 - canonical msgpack ..................... :mod:`ncz.format.canonical`
 - xxh3-64 checksums ..................... :mod:`ncz.format.checksum`
+- range / ANS codecs, models, bits-back .. :mod:`ncz.format.entropy`
+- integer tables and parametric grids ... :mod:`ncz.format.entropy_tables`
+- the constriction adapter .............. :mod:`ncz.format.constriction_adapter`
 
 The exception tree is drawn in :mod:`ncz.format.errors`.
 """
 
 from .container import ALIGNMENT, MAGIC, VERSION, Limits, Reader, SectionInfo, Writer, open, open_bytes
+from . import entropy  # registers the RANGE and ANS section codecs
+from .entropy import BitsBackStack, CategoricalModel, Coder, ConditionalModel, ModelId
+from .entropy_tables import Family, FrequencyTable, ParametricGrid
 from .enums import Codec, Kind, SectionFlag
 from .errors import (
     ChecksumError,
@@ -38,6 +44,15 @@ __all__ = [
     "open_bytes",
     "Codec",
     "Kind",
+    "entropy",
+    "Coder",
+    "ModelId",
+    "Family",
+    "FrequencyTable",
+    "ParametricGrid",
+    "CategoricalModel",
+    "ConditionalModel",
+    "BitsBackStack",
     "SectionFlag",
     "NczError",
     "FormatError",

@@ -519,7 +519,7 @@ class Reader:
             self.stored(info.name)
             if decode and info.known:
                 spec = get_codec(info.codec)
-                if spec is not None and not info.params.get("external", False):
+                if spec is not None and not spec.needs_context(info.params):
                     self.read(info.name)
             position = info.offset + info.stored_length
 

@@ -23,6 +23,8 @@ class Codec(enum.IntEnum):
 
     RAW = 0  # stored == decoded; payload 64-byte aligned, mmap-able
     ZSTD = 1  # one zstd frame with its content size declared
+    RANGE = 2  # int32 symbols, range coded (constriction queue), FORMAT.md §7
+    ANS = 3  # int32 symbols, ANS coded (constriction stack), FORMAT.md §7
 
 
 class SectionFlag(enum.IntFlag):

@@ -11,6 +11,8 @@ EXPECTED = {
         "ALIGNMENT", "MAGIC", "VERSION", "Limits", "Reader", "SectionInfo", "Writer", "open", "open_bytes",
         "Codec", "Kind", "SectionFlag", "NczError", "FormatError", "TruncatedError", "UnsupportedError",
         "VersionError", "ChecksumError", "LimitError", "StreamError", "UsageError",
+        "entropy", "Coder", "ModelId", "Family", "FrequencyTable", "ParametricGrid", "CategoricalModel",
+        "ConditionalModel", "BitsBackStack",
     },
 }
 

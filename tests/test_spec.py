@@ -69,3 +69,20 @@ def test_magic_version_alignment_dtypes_in_spec():
 def test_version_history_lists_current_version():
     history = _table_after("### Version history")
     assert history[-1][0] == f"{VERSION[0]}.{VERSION[1]}"
+
+
+def test_entropy_model_ids_match():
+    from ncz.format.entropy import ModelId
+
+    assert _ids("Model ids:") == {m.name: m.value for m in ModelId}
+
+
+def test_entropy_constants_match():
+    from ncz.format.entropy import ESCAPE_BITS
+    from ncz.format.entropy_tables import GRID_V1, PRECISION, Family
+
+    assert f"**precision {PRECISION}**" in SPEC
+    assert f"{ESCAPE_BITS} bits" in SPEC
+    grid = GRID_V1[Family.GAUSSIAN]
+    assert f"`S = {grid.num_scales}` values `sₖ = {grid.scale_min} · exp(k · ln({grid.scale_max:g}/{grid.scale_min}) / {grid.num_scales - 1})`" in SPEC
+    assert f"floor(mean · {grid.mean_steps} + 0.5)" in SPEC

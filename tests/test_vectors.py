@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 
 import ncz.format as nf
@@ -41,3 +42,15 @@ def test_reader_decodes_vector(name):
                 want["name"], want["kind"], want["codec"], want["critical"])
             if want["decoded_sha256"] is not None:
                 assert hashlib.sha256(reader.read(info.name)).hexdigest() == want["decoded_sha256"]
+
+
+def test_conditional_vector_streams_decode():
+    from ncz.format import entropy
+    from ncz.format.entropy_tables import Family
+
+    means, scales = make_vectors.vector_mean_scale(2000)
+    expected = make_vectors.vector_latents(2000)
+    with nf.open(VECTORS / "entropy.ncz") as reader:
+        for family in Family:
+            model = entropy.ConditionalModel.from_mean_scale(family, means, scales)
+            assert np.array_equal(entropy.read_conditional(reader, f"y-{family.name.lower()}", model), expected)

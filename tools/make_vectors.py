@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ncz.format import Codec, Kind, Writer, open_bytes
+from ncz.format.section_codecs import get_codec
 
 __all__ = ["VECTORS", "build", "describe", "main"]
 
@@ -53,11 +54,44 @@ def _metadata(w: Writer) -> None:
     w.add("ancillary-note", b"readers may skip me", kind=Kind.BLOB, codec=Codec.ZSTD, critical=False)
 
 
+def vector_mean_scale(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Means and scales of the conditional vector streams (a formula, so a test can rebuild them)."""
+    i = np.arange(count)
+    return (i % 17) - 8 + 0.37, 0.2 * 1.1 ** (i % 40)
+
+
+def vector_latents(count: int) -> np.ndarray:
+    means, scales = vector_mean_scale(count)
+    rng = np.random.default_rng(1234)
+    symbols = np.round(rng.normal(means, scales)).astype(np.int32)
+    symbols[::97] += 1000  # exercise escapes
+    return symbols
+
+
+def _entropy(w: Writer) -> None:
+    from ncz.format import entropy
+    from ncz.format.entropy_tables import Family
+
+    rng = np.random.default_rng(99)
+    q = np.round(rng.laplace(0, 4, 3000)).astype("<i4")
+    q[::500] = [2**31 - 1, -(2**31), 123456, -654321, 99999, 5]  # far outside the fitted window
+    w.add("q-ans", q.tobytes(), kind=Kind.TENSOR, codec=Codec.ANS, params={"dtype": "int32", "shape": [3000]})
+    w.add("q-range", q.tobytes(), kind=Kind.TENSOR, codec=Codec.RANGE, params={"dtype": "int32", "shape": [3000]})
+    w.add("one", np.array([42], "<i4").tobytes(), kind=Kind.BLOB, codec=Codec.ANS)
+    w.add("none", b"", kind=Kind.BLOB, codec=Codec.RANGE)
+    latents = vector_latents(2000)
+    means, scales = vector_mean_scale(2000)
+    for family, codec in [(Family.GAUSSIAN, Codec.ANS), (Family.LAPLACE, Codec.RANGE), (Family.LOGISTIC, Codec.ANS)]:
+        model = entropy.ConditionalModel.from_mean_scale(family, means, scales)
+        entropy.write_conditional(w, f"y-{family.name.lower()}", latents, model, codec=codec, kind=Kind.BLOB)
+
+
 VECTORS: dict[str, tuple[dict, Callable[[Writer], None]]] = {
     "empty": ({}, _empty),
     "basic": ({"title": "basic vector"}, _basic),
     "zstd": ({}, _zstd),
     "metadata": ({"created_by": "ncz vectors", "n": 3}, _metadata),
+    "entropy": ({"conditional_streams": "means/scales: ncz.tools.make_vectors.vector_mean_scale(2000)"}, _entropy),
 }
 
 
@@ -79,7 +113,8 @@ def describe(data: bytes, name: str) -> dict:
     reader = open_bytes(data, name=name)
     sections = []
     for info in reader.sections:
-        decoded = reader.read(info.name) if info.known and not info.params.get("external") else None
+        spec = get_codec(info.codec)
+        decoded = reader.read(info.name) if info.known and not spec.needs_context(info.params) else None
         sections.append({
             "name": info.name, "kind": info.kind, "codec": info.codec, "critical": info.critical,
             "stored_length": info.stored_length, "decoded_length": info.decoded_length,
@@ -95,11 +130,7 @@ def describe(data: bytes, name: str) -> dict:
 
 
 def _load_plugins() -> None:
-    # entropy vectors register themselves on import, if that layer exists
-    try:
-        import ncz.format.entropy_vectors  # noqa: F401
-    except ImportError:
-        pass
+    """Hook for layers above format (images, models) to register their vectors."""
 
 
 def main(argv: list[str] | None = None) -> int:

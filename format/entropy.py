@@ -1,0 +1,415 @@
+"""Entropy coding of int32 symbols: range coding and ANS, with exact integer models.
+
+Data flow (FORMAT.md §7)::
+
+    symbols ─► model ─► per-symbol (integer offset, table) ─► grouped by table
+           ─► table indices (+ escape chunks) ─► constriction RANGE or ANS ─► u32 words
+
+Two kinds of model, both fully configured at construction:
+
+- :class:`CategoricalModel`: one integer table for every symbol (a factorized
+  prior, quantized weight indices). ``CategoricalModel.fit`` is the empirical
+  mode: it fits a table to the data; the table is stored in the section params.
+- :class:`ConditionalModel`: a table per symbol, chosen from a fixed parametric
+  grid (Gaussian, Laplace, logistic) by quantized mean and scale — the image
+  latents' mean-scale model. The means/scales come from elsewhere (the hyper
+  decoder), so such streams are *conditional*: a reader needs them to decode.
+
+Symbols outside a table's range are coded as the table's escape symbol followed
+by three uniform 16-bit chunks holding the zigzag of the value (48 bits), inside
+the same coder stream — no error, no clipping.
+
+Symbols are grouped by table (a stable sort of the table ids), so one batch call
+into constriction codes each group: no Python work per symbol. Decoders derive
+the same grouping from the same model, and check that the stream is consumed
+exactly: the stack ends empty / the queue is exhausted, and re-encoding the
+decoded symbols gives the same words (so every valid stream is canonical). Bits-back coding uses :class:`BitsBackStack` (ANS only).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import constriction_adapter as adapter
+from .constriction_adapter import Coder
+from .entropy_tables import (
+    GRID_V1,
+    PRECISION,
+    Family,
+    FrequencyTable,
+    ParametricGrid,
+    fit_table,
+)
+from .enums import Codec
+from .errors import FormatError, StreamError, UsageError
+from .section_codecs import SectionCodec, register_codec
+
+__all__ = [
+    "Coder",
+    "ModelId",
+    "CategoricalModel",
+    "ConditionalModel",
+    "encode",
+    "decode",
+    "information",
+    "BitsBackStack",
+    "write_conditional",
+    "read_conditional",
+    "ESCAPE_BITS",
+]
+
+ESCAPE_CHUNKS = 3
+ESCAPE_BITS = 16 * ESCAPE_CHUNKS
+_UNIFORM16 = FrequencyTable(0, np.full(1 << 16, 1 << (PRECISION - 16)), escape=False)
+_MAX_ESCAPE = 1 << (ESCAPE_BITS - 1)  # |value| below this fits the zigzag chunks
+
+
+class ModelId(enum.IntEnum):
+    """``params.model`` of entropy-coded sections (FORMAT.md §7.2). Never reused."""
+
+    CATEGORICAL = 1
+    GAUSSIAN = 2
+    LAPLACE = 3
+    LOGISTIC = 4
+
+
+_FAMILY_OF = {ModelId.GAUSSIAN: Family.GAUSSIAN, ModelId.LAPLACE: Family.LAPLACE, ModelId.LOGISTIC: Family.LOGISTIC}
+_MODEL_OF = {family: model for model, family in _FAMILY_OF.items()}
+
+
+# --- models ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a model lays out ``n`` symbols: coding order, offsets, table segments."""
+
+    order: np.ndarray | None  # positions in coding order (None: identity)
+    offsets: np.ndarray | int  # per coded position (or one for all)
+    segments: list[tuple[int, int, FrequencyTable]]
+
+
+@dataclass(frozen=True, eq=False)
+class CategoricalModel:
+    """One integer table shared by all symbols."""
+
+    table: FrequencyTable
+
+    @classmethod
+    def fit(cls, symbols: np.ndarray, *, max_symbols: int = 4096) -> "CategoricalModel":
+        """The empirical mode: fit a table (with escape) to ``symbols``."""
+        return cls(fit_table(np.asarray(symbols), max_symbols=max_symbols))
+
+    def layout(self, count: int) -> _Layout:
+        return _Layout(None, 0, [(0, count, self.table)])
+
+
+@dataclass(frozen=True, eq=False)
+class ConditionalModel:
+    """Per-symbol tables from a parametric grid, chosen by quantized mean and scale.
+
+    Build it with :meth:`from_mean_scale`; encoder and decoder must pass the same
+    float means and scales (the image codec guarantees that, see docs/ARCHITECTURE.md).
+    """
+
+    grid: ParametricGrid
+    offsets: np.ndarray = field(repr=False)
+    table_ids: np.ndarray = field(repr=False)
+
+    @classmethod
+    def from_mean_scale(cls, family: Family | ModelId, mean: np.ndarray, scale: np.ndarray,
+                        grid: ParametricGrid | None = None) -> "ConditionalModel":
+        family = _FAMILY_OF[family] if isinstance(family, ModelId) else Family(family)
+        grid = grid or GRID_V1[family]
+        if grid.family != family:
+            raise UsageError(f"grid is for {grid.family.name}, not {family.name}")
+        offsets, ids = grid.quantize(mean, scale)
+        return cls(grid, offsets, ids)
+
+    @property
+    def size(self) -> int:
+        return int(self.table_ids.size)
+
+    def layout(self, count: int) -> _Layout:
+        if count != self.table_ids.size:
+            raise UsageError(f"model describes {self.table_ids.size} symbols, got {count}")
+        # 16-bit keys take numpy's radix sort: O(n), about 10x faster than int32 here
+        keys = self.table_ids.astype(np.int16) if self.grid.num_tables <= 2**15 else self.table_ids
+        order = np.argsort(keys, kind="stable")
+        ids = self.table_ids[order]
+        cuts = np.flatnonzero(np.diff(ids)) + 1
+        starts = np.concatenate(([0], cuts)) if count else np.zeros(0, np.int64)
+        stops = np.concatenate((cuts, [count])) if count else np.zeros(0, np.int64)
+        segments = [(int(a), int(b), self.grid.table(int(ids[a]))) for a, b in zip(starts, stops)]
+        return _Layout(order, self.offsets[order], segments)
+
+
+Model = CategoricalModel | ConditionalModel
+
+
+def _as_symbols(symbols: np.ndarray) -> np.ndarray:
+    array = np.asarray(symbols)
+    if array.dtype.kind not in "iu":
+        raise UsageError(f"symbols must be integers, got dtype {array.dtype}")
+    array = array.astype(np.int64).ravel()
+    if array.size and (array.min() < -(2**31) or array.max() >= 2**31):
+        raise UsageError("symbols must fit in int32")
+    return array
+
+
+def _escape_chunks(values: np.ndarray) -> np.ndarray:
+    if values.size and np.abs(values).max() >= _MAX_ESCAPE:
+        raise UsageError(f"an escaped value exceeds ±2^{ESCAPE_BITS - 1}")
+    zig = ((values << 1) ^ (values >> 63)).astype(np.uint64)
+    chunks = np.stack([(zig >> np.uint64(16 * k)) & np.uint64(0xFFFF) for k in range(ESCAPE_CHUNKS)], axis=1)
+    return chunks.astype(np.int32).ravel()
+
+
+def _from_chunks(chunks: np.ndarray) -> np.ndarray:
+    parts = chunks.astype(np.uint64).reshape(-1, ESCAPE_CHUNKS)
+    zig = sum(parts[:, k] << np.uint64(16 * k) for k in range(ESCAPE_CHUNKS))
+    zig = np.asarray(zig, dtype=np.uint64)
+    return (zig >> np.uint64(1)).astype(np.int64) ^ -(zig & np.uint64(1)).astype(np.int64)
+
+
+def _groups(symbols: np.ndarray, model: Model) -> list[tuple[np.ndarray, FrequencyTable]]:
+    symbols = _as_symbols(symbols)
+    lay = model.layout(symbols.size)
+    coded = symbols if lay.order is None else symbols[lay.order]
+    rel = coded - lay.offsets
+    groups: list[tuple[np.ndarray, FrequencyTable]] = []
+    for a, b, table in lay.segments:
+        indices, escaped = table.to_indices(rel[a:b])
+        groups.append((indices, table))
+        if escaped.any():
+            groups.append((_escape_chunks(rel[a:b][escaped]), _UNIFORM16))
+    return groups
+
+
+def encode(symbols: np.ndarray, model: Model, coder: Coder = Coder.ANS) -> bytes:
+    """Entropy-code int32 ``symbols``; returns the stream (little-endian u32 words)."""
+    return adapter.to_bytes(adapter.encode_groups(coder, _groups(symbols, model)))
+
+
+def _decode_segments(pop, lay: _Layout, count: int, where: str) -> np.ndarray:
+    rel = np.empty(count, dtype=np.int64)
+    for a, b, table in lay.segments:
+        indices = pop(b - a, table).astype(np.int64)
+        values = indices + table.offset
+        if table.escape:
+            escaped = indices == table.num_regular
+            n_escaped = int(escaped.sum())
+            if n_escaped:
+                extra = _from_chunks(pop(ESCAPE_CHUNKS * n_escaped, _UNIFORM16))
+                if ((extra >= table.lo) & (extra <= table.hi)).any():
+                    raise StreamError(f"{where}: an escaped value lies inside its table's range (not canonical)")
+                values[escaped] = extra
+        rel[a:b] = values
+    coded = rel + lay.offsets
+    if count and (coded.min() < -(2**31) or coded.max() >= 2**31):
+        raise StreamError(f"{where}: a decoded symbol does not fit in int32")
+    if lay.order is None:
+        return coded.astype(np.int32)
+    out = np.empty(count, dtype=np.int32)
+    out[lay.order] = coded
+    return out
+
+
+def decode(data: bytes | memoryview, model: Model, count: int | None = None, coder: Coder = Coder.ANS,
+           *, where: str = "stream") -> np.ndarray:
+    """Mirror of :func:`encode`: ``count`` int32 symbols (implied by a conditional model)."""
+    if count is None:
+        if not isinstance(model, ConditionalModel):
+            raise UsageError("count is required with a categorical model")
+        count = model.size
+    if count < 0:
+        raise UsageError("count must be >= 0")
+    lay = model.layout(count)
+    decoder = adapter.GroupDecoder(coder, adapter.from_bytes(data, where), where)
+    out = _decode_segments(decoder.decode, lay, count, where)
+    decoder.finish()
+    # Neither coder can tell every truncated or padded stream from a whole one
+    # (a range decoder reads past the end as zeros; an ANS stack decodes zeros
+    # once empty). Re-encoding can: a stream is valid only if it is exactly the
+    # encoding of what it decodes to. Encoding is several times faster than
+    # decoding, so this costs a fraction of the decode.
+    again = adapter.to_bytes(adapter.encode_groups(coder, _groups(out, model)))
+    if again != bytes(data):
+        raise StreamError(f"{where}: {coder.value} stream is not the encoding of its symbols (truncated, padded or corrupt)")
+    return out
+
+
+def information(symbols: np.ndarray, model: Model) -> float:
+    """Exact information content in bits of ``symbols`` under ``model``'s integer
+    tables (48 extra bits per escape): the size an ideal coder would reach."""
+    bits = 0.0
+    for indices, table in _groups(symbols, model):
+        bits += float(table.bits[indices].sum())
+    return bits
+
+
+# --- bits-back -------------------------------------------------------------------
+
+
+class BitsBackStack:
+    """An ANS stack on which symbols can be pushed (encoded) and popped (decoded).
+
+    Bits-back coding (Townsend et al. 2019; Yang, Bamler & Mandt 2020 for the
+    hyperprior) *pops* a latent sample from a posterior using bits already on the
+    stack, then pushes data conditioned on it; the decoder, going backwards, pushes
+    the sample again with the same posterior and so restores the borrowed bits.
+
+    Initial bits: popping needs bits on the stack. They are either the compressed
+    bits of earlier content on the same stack (then they cost nothing extra) or
+    :meth:`seeded` pseudo-random words. Either way they are part of the final
+    stream and so counted in the file size; the decoder gets them back at the end
+    and :meth:`check_restored` confirms they are exactly the seed.
+    ``pop`` raises :class:`StreamError` when the stack holds fewer bits than the
+    popped symbols' information content (constriction would silently decode from
+    zeros); the caller then starts again with more initial bits.
+    """
+
+    def __init__(self, words: np.ndarray | None = None):
+        self._stack = adapter.AnsStack(words)
+
+    @staticmethod
+    def seed_words(count: int, seed: int = 0) -> np.ndarray:
+        """Deterministic pseudo-random initial words (never zero, so they are a valid stack)."""
+        return np.random.Generator(np.random.PCG64(seed)).integers(1, 2**32, size=count, dtype=np.uint32)
+
+    @classmethod
+    def seeded(cls, count: int, seed: int = 0) -> "BitsBackStack":
+        return cls(cls.seed_words(count, seed))
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview, where: str = "bits-back stream") -> "BitsBackStack":
+        return cls(adapter.from_bytes(data, where))
+
+    def to_bytes(self) -> bytes:
+        return adapter.to_bytes(self._stack.words())
+
+    @property
+    def num_bits(self) -> int:
+        return self._stack.num_valid_bits
+
+    def words(self) -> np.ndarray:
+        return self._stack.words()
+
+    def push(self, symbols: np.ndarray, model: Model) -> None:
+        """Encode ``symbols``; a later :meth:`pop` with the same model returns them."""
+        for indices, table in reversed(_groups(symbols, model)):
+            self._stack.push(indices, table)
+
+    def pop(self, model: Model, count: int | None = None) -> np.ndarray:
+        """Decode symbols from the top of the stack (borrowing bits if they were not pushed)."""
+        if count is None:
+            if not isinstance(model, ConditionalModel):
+                raise UsageError("count is required with a categorical model")
+            count = model.size
+        available = self.num_bits
+        out = _decode_segments(self._stack.pop, model.layout(count), count, "bits-back stack")
+        needed = information(out, model)
+        if needed > available:
+            raise StreamError(f"bits-back: popped {needed:.0f} bits from a stack holding {available}; "
+                              "provide more initial bits")
+        return out
+
+    def check_restored(self, seed_words: np.ndarray) -> None:
+        """Raise unless the stack holds exactly ``seed_words`` (the decoder's last step)."""
+        words = self.words()
+        if words.shape != seed_words.shape or not np.array_equal(words, seed_words):
+            raise StreamError("bits-back: the initial bits were not restored (corrupt stream or wrong model)")
+
+
+# --- section codecs RANGE (2) and ANS (3) ------------------------------------------
+
+
+def _coder_of(codec: Codec) -> Coder:
+    return Coder.RANGE if codec == Codec.RANGE else Coder.ANS
+
+
+def _section_encode(codec: Codec):
+    def encode_section(data: Any, options: Mapping[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        unknown = set(options) - {"model", "max_symbols"}
+        if unknown:
+            raise UsageError(f"entropy codec: unknown options {sorted(unknown)}")
+        view = memoryview(data).cast("B")
+        if len(view) % 4:
+            raise UsageError("entropy-coded sections hold int32 symbols: length must be a multiple of 4")
+        symbols = np.frombuffer(view, dtype="<i4")
+        model = options.get("model")
+        if model is None:
+            model = CategoricalModel.fit(symbols, max_symbols=int(options.get("max_symbols", 4096)))
+        if not isinstance(model, CategoricalModel):
+            raise UsageError("a conditional model needs write_conditional(), not Writer.add()")
+        stored = encode(symbols, model, _coder_of(codec))
+        return stored, {"model": int(ModelId.CATEGORICAL), "table": model.table.to_bytes()}
+
+    return encode_section
+
+
+def _section_model(params: Mapping[str, Any], where: str) -> ModelId:
+    model = params.get("model")
+    if model not in ModelId._value2member_map_:
+        raise FormatError(f"{where}: params.model must be one of {[int(m) for m in ModelId]}, got {model!r}")
+    return ModelId(model)
+
+
+def _section_decode(codec: Codec):
+    def decode_section(stored: Any, params: Mapping[str, Any], decoded_length: int, where: str) -> bytes:
+        model_id = _section_model(params, where)
+        if model_id != ModelId.CATEGORICAL:
+            raise UsageError(f"{where}: a conditional ({model_id.name.lower()}) stream; decode it with "
+                             "ncz.format.entropy.read_conditional() and its means and scales")
+        if decoded_length % 4:
+            raise FormatError(f"{where}: decoded_length {decoded_length} is not a multiple of 4 (int32 symbols)")
+        table = params.get("table")
+        if not isinstance(table, bytes):
+            raise FormatError(f"{where}: params.table must be bin")
+        model = CategoricalModel(FrequencyTable.from_bytes(table, f"{where}: params.table"))
+        symbols = decode(stored, model, decoded_length // 4, _coder_of(codec), where=where)
+        return symbols.astype("<i4").tobytes()
+
+    return decode_section
+
+
+def _needs_context(params: Mapping[str, Any]) -> bool:
+    return params.get("model") in (ModelId.GAUSSIAN, ModelId.LAPLACE, ModelId.LOGISTIC)
+
+
+for _codec in (Codec.RANGE, Codec.ANS):
+    register_codec(SectionCodec(_codec, _section_encode(_codec), _section_decode(_codec), aligned=False,
+                                needs_context=_needs_context))
+
+
+def write_conditional(writer, name: str, symbols: np.ndarray, model: ConditionalModel, *,
+                      codec: Codec = Codec.ANS, kind: int, params: Mapping[str, Any] | None = None,
+                      critical: bool = True):
+    """Append a conditional stream as a section (its means/scales travel elsewhere)."""
+    symbols = _as_symbols(symbols)
+    stored = encode(symbols, model, _coder_of(codec))
+    merged = dict(params or {})
+    merged.update({"model": int(_MODEL_OF[model.grid.family]), "grid": model.grid.grid_id})
+    return writer.add_stored(name, stored, decoded_length=4 * symbols.size, kind=kind, codec=codec,
+                             params=merged, critical=critical)
+
+
+def read_conditional(reader, name: str, model: ConditionalModel) -> np.ndarray:
+    """Decode a section written by :func:`write_conditional` given the same model."""
+    info = reader.info(name)
+    where = f"{reader.name}: section {name!r}"
+    if info.codec not in (Codec.RANGE, Codec.ANS):
+        raise FormatError(f"{where}: codec {info.codec_name} is not an entropy codec")
+    model_id = _section_model(info.params, where)
+    if model_id not in _FAMILY_OF or _FAMILY_OF[model_id] != model.grid.family:
+        raise UsageError(f"{where}: stream uses model {model_id.name}, caller gave {model.grid.family.name}")
+    if info.params.get("grid") != model.grid.grid_id:
+        raise FormatError(f"{where}: params.grid is {info.params.get('grid')!r}, expected {model.grid.grid_id}")
+    if info.decoded_length != 4 * model.size:
+        raise FormatError(f"{where}: decoded_length {info.decoded_length} != 4 × {model.size} symbols")
+    return decode(reader.stored(name), model, model.size, _coder_of(Codec(info.codec)), where=where)
