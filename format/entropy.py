@@ -29,6 +29,7 @@ decoded symbols gives the same words (so every valid stream is canonical). Bits-
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,6 +139,11 @@ class ConditionalModel:
     def layout(self, count: int) -> _Layout:
         if count != self.table_ids.size:
             raise UsageError(f"model describes {self.table_ids.size} symbols, got {count}")
+        return self._layout
+
+    @functools.cached_property
+    def _layout(self) -> _Layout:
+        count = self.table_ids.size
         # 16-bit keys take numpy's radix sort: O(n), about 10x faster than int32 here
         keys = self.table_ids.astype(np.int16) if self.grid.num_tables <= 2**15 else self.table_ids
         order = np.argsort(keys, kind="stable")
@@ -196,16 +202,24 @@ def encode(symbols: np.ndarray, model: Model, coder: Coder = Coder.ANS) -> bytes
     return adapter.to_bytes(adapter.encode_groups(coder, _groups(symbols, model)))
 
 
-def _decode_segments(pop, lay: _Layout, count: int, where: str) -> np.ndarray:
+def _decode_segments(pop, lay: _Layout, count: int, where: str,
+                     record: list[tuple[np.ndarray, FrequencyTable]] | None = None) -> np.ndarray:
+    """Pop every group of ``lay``; ``record`` collects (indices, table) as decoded,
+    which is exactly what the encoder coded (used for the canonical check)."""
     rel = np.empty(count, dtype=np.int64)
     for a, b, table in lay.segments:
-        indices = pop(b - a, table).astype(np.int64)
-        values = indices + table.offset
+        indices = pop(b - a, table)
+        if record is not None:
+            record.append((indices, table))
+        values = indices.astype(np.int64) + table.offset
         if table.escape:
             escaped = indices == table.num_regular
-            n_escaped = int(escaped.sum())
+            n_escaped = int(np.count_nonzero(escaped))
             if n_escaped:
-                extra = _from_chunks(pop(ESCAPE_CHUNKS * n_escaped, _UNIFORM16))
+                chunks = pop(ESCAPE_CHUNKS * n_escaped, _UNIFORM16)
+                if record is not None:
+                    record.append((chunks, _UNIFORM16))
+                extra = _from_chunks(chunks)
                 if ((extra >= table.lo) & (extra <= table.hi)).any():
                     raise StreamError(f"{where}: an escaped value lies inside its table's range (not canonical)")
                 values[escaped] = extra
@@ -231,14 +245,15 @@ def decode(data: bytes | memoryview, model: Model, count: int | None = None, cod
         raise UsageError("count must be >= 0")
     lay = model.layout(count)
     decoder = adapter.GroupDecoder(coder, adapter.from_bytes(data, where), where)
-    out = _decode_segments(decoder.decode, lay, count, where)
+    coded: list[tuple[np.ndarray, FrequencyTable]] = []
+    out = _decode_segments(decoder.decode, lay, count, where, coded)
     decoder.finish()
     # Neither coder can tell every truncated or padded stream from a whole one
     # (a range decoder reads past the end as zeros; an ANS stack decodes zeros
     # once empty). Re-encoding can: a stream is valid only if it is exactly the
     # encoding of what it decodes to. Encoding is several times faster than
     # decoding, so this costs a fraction of the decode.
-    again = adapter.to_bytes(adapter.encode_groups(coder, _groups(out, model)))
+    again = adapter.to_bytes(adapter.encode_groups(coder, coded))
     if again != bytes(data):
         raise StreamError(f"{where}: {coder.value} stream is not the encoding of its symbols (truncated, padded or corrupt)")
     return out

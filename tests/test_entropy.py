@@ -261,3 +261,12 @@ def test_bits_back_detects_wrong_restoration():
     stack = E.BitsBackStack.seeded(10, seed=1)
     with pytest.raises(nf.StreamError):
         stack.check_restored(E.BitsBackStack.seed_words(10, seed=2))
+
+
+def test_scale_index_is_exactly_the_count_of_smaller_boundaries():
+    grid = GRID_V1[Family.LAPLACE]
+    rng = np.random.default_rng(4)
+    b = grid.boundaries
+    scales = np.concatenate([np.exp(rng.uniform(-40, 40, 100_000)), b, np.nextafter(b, 0), np.nextafter(b, np.inf),
+                             grid.scales, [0.0, 5e-324, 1e308, np.inf]])
+    assert np.array_equal(grid.scale_index(scales), np.searchsorted(b, scales, side="left"))
