@@ -165,11 +165,16 @@ def _tensor_nbytes(params: Mapping[str, Any], where: str, limits: Limits) -> int
     return count * TENSOR_DTYPES[dtype]
 
 
+_REPRESENTATION_HEADS = {Kind.BYTE_PLANES, Kind.QUANTIZED, Kind.LOW_RANK, Kind.DICTIONARY, Kind.CODEBOOK}
+
+
 def _check_params(kind: int, params: Mapping[str, Any], decoded_length: int, where: str, limits: Limits) -> None:
-    if kind == Kind.TENSOR:
+    if kind in (Kind.TENSOR, Kind.PART):
         nbytes = _tensor_nbytes(params, where, limits)
         if nbytes != decoded_length:
             raise FormatError(f"{where}: dtype/shape imply {nbytes} bytes but decoded_length={decoded_length}")
+    elif kind in _REPRESENTATION_HEADS:
+        _tensor_nbytes(params, where, limits)  # the original tensor's dtype/shape: valid and within caps
 
 
 # ---------------------------------------------------------------------------

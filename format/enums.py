@@ -16,6 +16,13 @@ class Kind(enum.IntEnum):
     METADATA = 1  # canonical msgpack map of user metadata
     BLOB = 2  # opaque bytes
     TENSOR = 3  # dense little-endian tensor; params: dtype, shape
+    IMAGE = 4  # one image coded by the learned codec (FORMAT.md §5.3)
+    BYTE_PLANES = 5  # lossless float tensor split into byte planes (§5.4)
+    QUANTIZED = 6  # uniformly quantized tensor: indices + steps (§5.4)
+    LOW_RANK = 7  # W ≈ U·V with quantized factors (§5.4)
+    DICTIONARY = 8  # shared dictionary + sparse codes (§5.4)
+    CODEBOOK = 9  # product-quantized embedding table: codebooks + codes (§5.4)
+    PART = 10  # a part of a multi-section representation, named "<head>#<part>" (§5.4)
 
 
 class Codec(enum.IntEnum):
