@@ -15,7 +15,19 @@ docs/FORMAT.md is the normative byte layout; the names below map onto it:
 The exception tree is drawn in :mod:`ncz.format.errors`.
 """
 
-from .container import ALIGNMENT, MAGIC, VERSION, Limits, Reader, SectionInfo, Writer, open, open_bytes
+from .container import (
+    ALIGNMENT,
+    MAGIC,
+    VERSION,
+    EncodedPayload,
+    Limits,
+    Reader,
+    SectionInfo,
+    Writer,
+    encode_payload,
+    open,
+    open_bytes,
+)
 from . import entropy  # registers the RANGE and ANS section codecs
 from .entropy import BitsBackStack, CategoricalModel, Coder, ConditionalModel, ModelId
 from .entropy_tables import Family, FrequencyTable, ParametricGrid
@@ -23,6 +35,7 @@ from .enums import Codec, Kind, SectionFlag
 from .errors import (
     ChecksumError,
     FormatError,
+    InputError,
     LimitError,
     NczError,
     StreamError,
@@ -40,6 +53,8 @@ __all__ = [
     "Reader",
     "SectionInfo",
     "Writer",
+    "EncodedPayload",
+    "encode_payload",
     "open",
     "open_bytes",
     "Codec",
@@ -62,5 +77,6 @@ __all__ = [
     "ChecksumError",
     "LimitError",
     "StreamError",
+    "InputError",
     "UsageError",
 ]

@@ -52,6 +52,8 @@ __all__ = [
     "SectionInfo",
     "Writer",
     "Reader",
+    "EncodedPayload",
+    "encode_payload",
     "open",
     "open_bytes",
 ]
@@ -182,6 +184,31 @@ def _check_params(kind: int, params: Mapping[str, Any], decoded_length: int, whe
 # ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class EncodedPayload:
+    """Stored bytes of a section before it is written: lets a caller compare
+    codecs by size (e.g. zstd vs ANS per tensor) and write the smallest."""
+
+    codec: int
+    stored: bytes | memoryview
+    decoded_length: int
+    params: Mapping[str, Any]
+
+    @property
+    def stored_length(self) -> int:
+        return len(self.stored)
+
+
+def encode_payload(data: bytes | bytearray | memoryview, codec: Codec, options: Mapping[str, Any] | None = None) -> EncodedPayload:
+    """Encode ``data`` with ``codec`` without writing it anywhere."""
+    spec = get_codec(int(codec))
+    if spec is None:
+        raise UsageError(f"codec {codec!r} is not available")
+    view = data if isinstance(data, bytes) else memoryview(data).cast("B")
+    stored, params = spec.encode(view, dict(options or {}))
+    return EncodedPayload(int(codec), stored, len(view), params)
+
+
 class Writer:
     """Streams sections into a new .ncz file; atomic and deterministic.
 
@@ -259,6 +286,17 @@ class Writer:
         return self.add_stored(
             name, stored, decoded_length=len(data), kind=kind, codec=codec, params=merged, critical=critical
         )
+
+    def add_encoded(self, name: str, payload: "EncodedPayload", *, kind: int,
+                    params: Mapping[str, Any] | None = None, critical: bool = True) -> SectionInfo:
+        """Append a payload already encoded by :func:`encode_payload`."""
+        merged = dict(params or {})
+        clash = set(merged) & set(payload.params)
+        if clash:
+            raise UsageError(f"section {name!r}: params {sorted(clash)} are reserved by its codec")
+        merged.update(payload.params)
+        return self.add_stored(name, payload.stored, decoded_length=payload.decoded_length, kind=kind,
+                               codec=payload.codec, params=merged, critical=critical)
 
     def add_stored(
         self,

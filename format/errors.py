@@ -13,6 +13,7 @@ it to a single line and exit code 1. Library code raises, never prints or exits.
     ├── ChecksumError             a section, header or table fails its xxh3-64
     ├── LimitError                a declared size exceeds a reader cap (checked before allocating)
     ├── StreamError               an entropy-coded stream is corrupt, padded or short
+    ├── InputError                a non-.ncz input (image, checkpoint) is unusable or unsafe
     └── UsageError                the caller asked for something impossible (bad argument)
 
 Each message names the file (when known), the field, and what was expected, so
@@ -31,6 +32,7 @@ __all__ = [
     "ChecksumError",
     "LimitError",
     "StreamError",
+    "InputError",
     "UsageError",
 ]
 
@@ -65,6 +67,10 @@ class LimitError(NczError):
 
 class StreamError(NczError):
     """An entropy-coded stream is corrupt: wrong length, padding, or impossible symbols."""
+
+
+class InputError(NczError):
+    """An input other than an .ncz file (an image, a checkpoint) is unusable or unsafe."""
 
 
 class UsageError(NczError, ValueError):

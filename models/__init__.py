@@ -1,1 +1,26 @@
-"""placeholder"""
+"""ncz.models: weight compression into model archives, and AdaComp.
+
+- checkpoints in: :func:`open_checkpoint` (safetensors, state_dict, HF folder; never unpickles)
+- representations: lossless (raw / zstd / byte planes), quantized (+ entropy coding)
+- archives: :func:`pack`, :func:`load_state_dict`, :func:`unpack`, :func:`describe`
+- recipes and presets: :class:`Recipe`
+"""
+
+from .archive import PackReport, TensorReport, describe, iter_tensors, load_state_dict, pack, unpack
+from .checkpoint import TensorSource, open_checkpoint
+from .recipe import PRESETS, Recipe, Rule
+
+__all__ = [
+    "PackReport",
+    "TensorReport",
+    "describe",
+    "iter_tensors",
+    "load_state_dict",
+    "pack",
+    "unpack",
+    "TensorSource",
+    "open_checkpoint",
+    "PRESETS",
+    "Recipe",
+    "Rule",
+]

@@ -9,8 +9,9 @@ import pytest
 EXPECTED = {
     "ncz.format": {
         "ALIGNMENT", "MAGIC", "VERSION", "Limits", "Reader", "SectionInfo", "Writer", "open", "open_bytes",
+        "EncodedPayload", "encode_payload",
         "Codec", "Kind", "SectionFlag", "NczError", "FormatError", "TruncatedError", "UnsupportedError",
-        "VersionError", "ChecksumError", "LimitError", "StreamError", "UsageError",
+        "VersionError", "ChecksumError", "LimitError", "StreamError", "InputError", "UsageError",
         "entropy", "Coder", "ModelId", "Family", "FrequencyTable", "ParametricGrid", "CategoricalModel",
         "ConditionalModel", "BitsBackStack",
     },

@@ -80,8 +80,26 @@ def cmd_info(args: argparse.Namespace) -> int:
             "metadata": _jsonable(reader.metadata),
             "sections": rows,
         }
+    tensors = _model_rows(args.file)
+    if tensors is not None:
+        numel = sum(t["numel"] for t in tensors)
+        summary["tensors"] = tensors
+        summary["total"] = {"tensors": len(tensors), "numel": numel,
+                            "bits_per_weight": 8 * file_size / max(numel, 1),
+                            "max_rel_error": max((t["rel_error"] for t in tensors), default=0.0)}
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
+        return 0
+    if tensors is not None and not args.sections:
+        total = summary["total"]
+        print(f"{args.file}: model archive, {len(tensors)} tensors, {total['numel']:,} weights, {_human(file_size)}, "
+              f"{total['bits_per_weight']:.2f} bits/weight, max relative error {total['max_rel_error']:.2e}")
+        width = max(len(t["name"]) for t in tensors) if tensors else 4
+        print(f"{'tensor':<{width}}  {'representation':<18} {'dtype':<9} {'shape':<16} {'bits/w':>7} {'rel.error':>10}")
+        for t in tensors:
+            error = "exact" if t["rel_error"] == 0 else f"{t['rel_error']:.2e}"
+            print(f"{t['name']:<{width}}  {t['representation']:<18} {t['dtype']:<9} {str(t['shape']):<16} "
+                  f"{t['bits_per_weight']:>7.2f} {error:>10}")
         return 0
     print(f"{args.file}: ncz {summary['version']}, {len(rows)} sections, {_human(file_size)}"
           f" ({_human(decoded)} decoded, container overhead {summary['overhead_bytes']} B)")
@@ -106,6 +124,67 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"{path}: OK ({count} sections, every checksum and stream verified)")
     return 0
+
+
+class _Bar:
+    """A tqdm bar driven by the library's progress callbacks (quiet when not a TTY)."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="tensor", leave=False)
+        self.bar.set_postfix_str(name[-40:], refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from ncz.models import Recipe, pack
+
+    recipe = Recipe.from_toml(args.recipe) if args.recipe else Recipe.preset(args.preset)
+    bar = _Bar("pack", not args.quiet and sys.stderr.isatty())
+    try:
+        report = pack(args.checkpoint, args.output, recipe=recipe, workers=args.workers, progress=bar)
+    finally:
+        bar.close()
+    if not args.quiet:
+        worst = max((t.rel_error for t in report.tensors), default=0.0)
+        print(f"{args.output}: {len(report.tensors)} tensors, {report.numel:,} weights, {_human(report.file_bytes)}, "
+              f"{report.bits_per_weight:.2f} bits/weight, recipe {recipe.name}, max relative error {worst:.2e}")
+    return 0
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    from ncz.models import unpack
+
+    bar = _Bar("unpack", not args.quiet and sys.stderr.isatty())
+    try:
+        count = unpack(args.input, args.output, progress=bar)
+    finally:
+        bar.close()
+    if not args.quiet:
+        print(f"{args.output}: {count} tensors restored")
+    return 0
+
+
+def _model_rows(path: str) -> list[dict] | None:
+    from ncz.models import describe
+
+    with open_archive(path) as reader:
+        if reader.metadata.get("format") != "ncz-model-archive":
+            return None
+    return [{"name": t.name, "representation": t.representation, "shape": list(t.shape), "dtype": t.dtype,
+             "numel": t.numel, "stored_bytes": t.stored_bytes, "bits_per_weight": t.bits_per_weight,
+             "rel_error": t.rel_error} for t in describe(path)]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -141,7 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="list the sections of an archive")
     p.add_argument("file", help=".ncz file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--sections", action="store_true", help="list raw sections even for model archives")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("pack", help="compress a checkpoint (state_dict, safetensors, HF folder) into a model archive")
+    p.add_argument("checkpoint", help="checkpoint file or Hugging Face model folder")
+    p.add_argument("-o", "--output", required=True, help="output .ncz")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--preset", default="lossless", help="lossless | q8 | q4 | small (default: lossless)")
+    group.add_argument("--recipe", help="TOML recipe mapping tensor-name patterns to representations")
+    p.add_argument("--workers", type=int, default=2, help="encoder threads (default 2)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("unpack", help="restore dense tensors from a model archive")
+    p.add_argument("input", help="model archive .ncz")
+    p.add_argument("-o", "--output", required=True, help="OUT.safetensors or OUT.pt")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_unpack)
 
     p = sub.add_parser("verify", help="check every checksum and decode every stream; exit 0 when sound")
     p.add_argument("files", nargs="+", metavar="FILE", help=".ncz files")

@@ -1,0 +1,256 @@
+"""Model archives: pack a checkpoint into one .ncz, load or unpack it again.
+
+Data flow::
+
+    checkpoint ──open_checkpoint──► (name, tensor) one at a time
+        ──recipe.choose──► representation encoder (worker threads, bounded window)
+        ──► head + part sections, written in checkpoint order ──► .ncz (atomic)
+
+    .ncz ──head sections──► registered decoder per kind ──► dense tensors
+                                                    └─► or compact modules (load_into)
+
+Peak memory while packing: the tensors in flight (≤ workers + 1) and their
+encodings. Unpacking to safetensors streams tensor by tensor into the output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ncz.format import InputError, Kind, Reader, UsageError, Writer
+from ncz.format import open as open_archive
+
+from . import lossless, quantized  # noqa: F401 - register their decoders
+from .checkpoint import TensorSource, open_checkpoint
+from .lossless import encode_lossless
+from .quantized import encode_quantized
+from .recipe import Recipe
+from .representation import Encoded, decoder_for, torch_dtype
+
+__all__ = ["ENCODERS", "TensorReport", "PackReport", "pack", "iter_tensors", "load_state_dict", "unpack", "describe",
+           "register_encoder"]
+
+ARCHIVE_TAG = "ncz-model-archive"
+ENCODERS: dict[str, Callable[..., Encoded]] = {"lossless": encode_lossless, "quantized": encode_quantized}
+
+
+def register_encoder(name: str, encoder: Callable[..., Encoded]) -> None:
+    if name in ENCODERS:
+        raise UsageError(f"representation {name!r} already registered")
+    ENCODERS[name] = encoder
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    name: str
+    representation: str
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    stored_bytes: int
+    rel_error: float
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.stored_bytes / max(self.numel, 1)
+
+
+@dataclass(frozen=True)
+class PackReport:
+    path: Path
+    file_bytes: int
+    tensors: list[TensorReport]
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.file_bytes / max(self.numel, 1)
+
+
+Progress = Callable[[int, int, str], None]
+
+
+def _encode(name: str, tensor: torch.Tensor, recipe: Recipe) -> Encoded:
+    rule = recipe.choose(name, tensor)
+    if rule.representation != "lossless" and (not tensor.is_floating_point() or not torch.isfinite(tensor).all()):
+        return encode_lossless(name, tensor)  # integers, NaN/inf: only exact storage makes sense
+    try:
+        return ENCODERS[rule.representation](name, tensor, **rule.options)
+    except TypeError as exc:
+        raise UsageError(f"recipe {recipe.name!r}: bad options {rule.options} for {rule.representation!r} ({exc})") from exc
+
+
+def pack(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | TensorSource, output: str | os.PathLike[str], *,
+         recipe: Recipe | str = "lossless", metadata: Mapping[str, Any] | None = None,
+         workers: int = 2, progress: Progress | None = None) -> PackReport:
+    """Pack a checkpoint (path, state dict or TensorSource) into ``output``."""
+    if isinstance(recipe, str):
+        recipe = Recipe.preset(recipe)
+    if isinstance(source, Mapping):
+        items = list(source.items())
+        names = [n for n, _ in items]
+        lookup = dict(items)
+        load = lookup.__getitem__
+        source_name = "state_dict"
+    else:
+        src = source if isinstance(source, TensorSource) else open_checkpoint(source)
+        names, load, source_name = src.names, src.load, src.path.name
+    for name in names:
+        if "#" in name:
+            raise InputError(f"tensor name {name!r} contains '#', which ncz reserves for parts")
+    header = {"format": ARCHIVE_TAG, "tensors": len(names), "source": source_name, "recipe": recipe.name}
+    header.update(metadata or {})
+    reports: list[TensorReport] = []
+    with Writer(output, metadata=header) as writer, ThreadPoolExecutor(max(1, workers)) as pool:
+        pending: list[tuple[str, Future]] = []
+
+        def drain(limit: int) -> None:
+            while len(pending) > limit:
+                name, future = pending.pop(0)
+                encoded: Encoded = future.result()
+                for index, section in enumerate(encoded.sections):
+                    params = dict(section.params)
+                    if index == 0:
+                        params["rel_error"] = float(encoded.rel_error)
+                    writer.add_encoded(section.name, section.payload, kind=section.kind, params=params)
+                head = encoded.sections[0].params
+                reports.append(TensorReport(name, encoded.representation, tuple(head["shape"]), head["dtype"],
+                                            encoded.numel, encoded.stored_bytes, encoded.rel_error))
+                if progress:
+                    progress(len(reports), len(names), name)
+
+        for name in names:
+            tensor = load(name)
+            pending.append((name, pool.submit(_encode, name, tensor, recipe)))
+            drain(max(1, workers))
+        drain(0)
+    return PackReport(Path(output), os.path.getsize(output), reports)
+
+
+def _heads(reader: Reader) -> Iterator:
+    if reader.metadata.get("format") != ARCHIVE_TAG:
+        raise InputError(f"{reader.name}: not a model archive (header.format is {reader.metadata.get('format')!r})")
+    for info in reader.sections:
+        if info.kind == Kind.PART or not info.known:
+            continue
+        if decoder_for(info.kind) is None:
+            if info.critical:
+                raise InputError(f"{reader.name}: section {info.name!r} has kind {info.kind_name}, which this "
+                                 "build cannot turn into a tensor")
+            continue
+        yield info
+
+
+def iter_tensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, dense tensor) in archive order, one at a time."""
+    with open_archive(path) as reader:
+        for head in _heads(reader):
+            tensor = decoder_for(head.kind)(head, reader)
+            if list(tensor.shape) != list(head.params["shape"]):
+                raise InputError(f"{reader.name}: {head.name!r} decoded to shape {list(tensor.shape)}")
+            yield head.name, tensor
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of a model archive, dense, with the original names, dtypes and shapes."""
+    return dict(iter_tensors(path))
+
+
+def describe(path: str | os.PathLike[str]) -> list[TensorReport]:
+    """Per-tensor representation, size and recorded error, without decoding."""
+    with open_archive(path) as reader:
+        heads = list(_heads(reader))
+        sizes: dict[str, int] = {h.name: 0 for h in heads}
+        for info in reader.sections:
+            owner = info.name.split("#", 1)[0]
+            if owner in sizes:
+                sizes[owner] += info.stored_length
+        rows = []
+        for h in heads:
+            numel = 1
+            for d in h.params["shape"]:
+                numel *= d
+            rows.append(TensorReport(h.name, h.kind_name if h.kind != Kind.TENSOR else "lossless",
+                                     tuple(h.params["shape"]), h.params["dtype"], numel, sizes[h.name],
+                                     float(h.params.get("rel_error", 0.0))))
+        return rows
+
+
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int8": "I8", "uint8": "U8",
+              "int16": "I16", "int32": "I32", "int64": "I64", "bool": "BOOL"}
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int16": 2, "int32": 4,
+             "int64": 8, "bool": 1}
+
+
+def unpack(path: str | os.PathLike[str], output: str | os.PathLike[str], progress: Progress | None = None) -> int:
+    """Restore dense tensors to ``.safetensors`` (streamed) or ``.pt``; returns the tensor count."""
+    output = Path(output)
+    if output.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+        raise UsageError(f"{output}: output must end in .safetensors or .pt")
+    with open_archive(path) as reader:
+        heads = list(_heads(reader))
+    if output.suffix != ".safetensors":
+        tensors = {}
+        for index, (name, tensor) in enumerate(iter_tensors(path)):
+            tensors[name] = tensor
+            if progress:
+                progress(index + 1, len(heads), name)
+        _atomic_write(output, lambda handle: torch.save(tensors, handle))
+        return len(tensors)
+
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "source": "ncz"}}
+    offset = 0
+    for h in heads:
+        dtype = h.params["dtype"]
+        if dtype not in _ST_DTYPES:
+            raise UsageError(f"{h.name!r}: dtype {dtype} has no safetensors equivalent")
+        size = _ITEMSIZE[dtype]
+        for d in h.params["shape"]:
+            size *= d
+        header[h.name] = {"dtype": _ST_DTYPES[dtype], "shape": h.params["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+
+    def write(handle) -> None:
+        handle.write(struct.pack("<Q", len(blob)))
+        handle.write(blob)
+        for index, (name, tensor) in enumerate(iter_tensors(path)):
+            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            if progress:
+                progress(index + 1, len(heads), name)
+
+    _atomic_write(output, write)
+    return len(heads)
+
+
+def _atomic_write(path: Path, fill: Callable) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fill(handle)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _torch_dtype_check(name: str) -> torch.dtype:  # keeps torch_dtype import used for type checkers
+    return torch_dtype(name)

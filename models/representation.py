@@ -1,0 +1,145 @@
+"""What every weight representation shares: pending sections, results, the registry.
+
+A representation turns one tensor into a *head* section (its kind names the
+representation) plus ``PART`` sections named ``<head>#<part>`` (FORMAT.md §5.4),
+and back::
+
+    encode(name, tensor, **options) -> Encoded(sections=[head, parts...], rel_error)
+    decode(head: SectionInfo, reader) -> torch.Tensor   (registered by head kind)
+
+Encoders pre-encode payloads (``ncz.format.encode_payload``) so they can pick the
+smallest codec per part before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ncz.format import Codec, EncodedPayload, InputError, Kind, Reader, SectionInfo, UsageError, encode_payload
+
+__all__ = [
+    "PendingSection",
+    "Encoded",
+    "register_decoder",
+    "decoder_for",
+    "DTYPE_NAMES",
+    "dtype_name",
+    "torch_dtype",
+    "tensor_bytes",
+    "part_name",
+    "read_part",
+    "smallest_payload",
+    "relative_error",
+]
+
+DTYPE_NAMES = {
+    torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64",
+    torch.int8: "int8", torch.uint8: "uint8", torch.int16: "int16", torch.int32: "int32", torch.int64: "int64",
+    torch.bool: "bool",
+}  # fmt: skip
+_TORCH_OF = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise InputError(f"tensor dtype {dtype} is not supported (supported: {sorted(_TORCH_OF)})") from None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return _TORCH_OF[name]
+    except KeyError:
+        raise UsageError(f"dtype {name!r} cannot be restored as a torch tensor") from None
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes, little-endian C order, without a copy when possible."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B") if flat.numel() else memoryview(b"")
+
+
+def part_name(head: str, part: str) -> str:
+    return f"{head}#{part}"
+
+
+@dataclass(frozen=True)
+class PendingSection:
+    name: str
+    payload: EncodedPayload
+    kind: int
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tensor in its representation, ready to be written."""
+
+    name: str
+    representation: str
+    sections: list[PendingSection]
+    numel: int
+    rel_error: float  # ||W − Ŵ|| / ||W||; 0.0 when exact
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(s.payload.stored_length for s in self.sections)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.stored_bytes / max(self.numel, 1)
+
+
+Decoder = Callable[[SectionInfo, Reader], torch.Tensor]
+_DECODERS: dict[int, Decoder] = {}
+
+
+def register_decoder(kind: Kind, decoder: Decoder) -> None:
+    if int(kind) in _DECODERS:
+        raise UsageError(f"a decoder for kind {kind!r} is already registered")
+    _DECODERS[int(kind)] = decoder
+
+
+def decoder_for(kind: int) -> Decoder | None:
+    return _DECODERS.get(kind)
+
+
+def read_part(reader: Reader, head: SectionInfo, part: str, *, dtype: str | None = None) -> np.ndarray:
+    """A part's decoded content as a numpy array of its declared dtype and shape."""
+    name = part_name(head.name, part)
+    if name not in reader:
+        raise InputError(f"{reader.name}: tensor {head.name!r} lacks its part {name!r}")
+    info = reader.info(name)
+    if info.kind != Kind.PART:
+        raise InputError(f"{reader.name}: section {name!r} should be a part (kind {int(Kind.PART)})")
+    declared = info.params.get("dtype")
+    if dtype is not None and declared != dtype:
+        raise InputError(f"{reader.name}: part {name!r} has dtype {declared!r}, expected {dtype!r}")
+    data = reader.view(name) if info.codec == Codec.RAW else reader.read(name)
+    np_dtype = np.dtype(declared).newbyteorder("<") if declared != "bfloat16" else np.dtype("<u2")
+    return np.frombuffer(data, dtype=np_dtype).reshape(info.params["shape"])
+
+
+def smallest_payload(data: bytes | memoryview, candidates: list[tuple[Codec, dict | None]]) -> EncodedPayload:
+    """Encode with each (codec, options) and keep the smallest (first wins ties)."""
+    best: EncodedPayload | None = None
+    for codec, options in candidates:
+        payload = encode_payload(data, codec, options)
+        if best is None or payload.stored_length < best.stored_length:
+            best = payload
+    assert best is not None
+    return best
+
+
+def relative_error(original: torch.Tensor, restored: torch.Tensor) -> float:
+    a = original.detach().double().reshape(-1)
+    b = restored.detach().double().reshape(-1)
+    norm = float(a.norm())
+    diff = float((a - b).norm())
+    return diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))

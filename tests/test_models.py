@@ -1,0 +1,214 @@
+"""Model archives: exact lossless round trips, error bounds, hostile checkpoints, CLI."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ncz.format as nf
+from ncz.models import Recipe, describe, load_state_dict, open_checkpoint, pack, unpack
+from ncz.models.quantized import quantize
+from ncz.tools.cli import main
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    return torch.equal(a, b)
+
+
+def _special(dtype: torch.dtype, n: int = 4096) -> torch.Tensor:
+    torch.manual_seed(0)
+    t = (torch.randn(n) * 0.05).to(dtype)
+    t[:6] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 1e-30]).to(dtype)
+    return t.reshape(64, -1)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_lossless_is_bit_exact_with_special_values(tmp_path, dtype):
+    sd = {"w": _special(dtype), "small": torch.tensor([-0.0, float("nan")], dtype=dtype)}
+    # a non-canonical NaN payload survives too
+    if dtype == torch.float32:
+        sd["w"].view(torch.int32)[0, 7] = 0x7FC00123
+    path = tmp_path / "a.ncz"
+    pack(sd, path, recipe="lossless")
+    back = load_state_dict(path)
+    for k in sd:
+        assert _bits_equal(back[k], sd[k]), k
+
+
+def test_lossless_integers_and_empty(tmp_path):
+    sd = {"i64": torch.arange(-5, 1000), "u8": torch.randint(0, 255, (33,), dtype=torch.uint8),
+          "b": torch.tensor([True, False, True]), "empty": torch.zeros(0, 7), "scalar": torch.tensor(3.5)}
+    path = tmp_path / "i.ncz"
+    pack(sd, path)
+    back = load_state_dict(path)
+    for k in sd:
+        assert _bits_equal(back[k], sd[k]), k
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=0, max_size=600),
+       st.sampled_from(FLOATS))
+def test_lossless_property(values, dtype):
+    import io
+    import tempfile
+
+    tensor = torch.tensor(values, dtype=torch.float32).to(dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/p.ncz"
+        pack({"t": tensor}, path)
+        assert _bits_equal(load_state_dict(path)["t"], tensor)
+    del io
+
+
+def test_lossless_beats_zstd_on_trained_like_weights(tmp_path):
+    import zstandard
+
+    torch.manual_seed(1)
+    w = (torch.randn(512, 512) * 0.03).float()
+    path = tmp_path / "z.ncz"
+    report = pack({"w": w}, path)
+    zstd = len(zstandard.ZstdCompressor(level=19).compress(w.numpy().tobytes()))
+    assert report.tensors[0].stored_bytes < zstd
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+@pytest.mark.parametrize("target", [0.001, 0.01, 0.1])
+def test_quantized_meets_relative_error(tmp_path, granularity, target):
+    torch.manual_seed(2)
+    w = torch.randn(96, 128) * torch.logspace(-2, 0, 96)[:, None]  # rows of very different scale
+    w[3, 5] = 25.0  # an outlier stays within the step, no clipping
+    recipe = Recipe.from_dict({"rule": [{"pattern": "*", "representation": "quantized", "rel_error": target,
+                                         "granularity": granularity, "group_size": 32}]})
+    path = tmp_path / "q.ncz"
+    report = pack({"w": w}, path, recipe=recipe)
+    back = load_state_dict(path)["w"]
+    err = float((back - w).norm() / w.norm())
+    assert err <= target * 1.0001
+    assert err == pytest.approx(report.tensors[0].rel_error, rel=1e-6)
+    assert abs(float(back[3, 5]) - 25.0) < 25.0 * 0.5
+
+
+def test_quantized_bits_target():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((256, 256)).astype(np.float32)
+    for bits in (2.0, 4.0, 6.0):
+        q, steps, err = quantize(w, bits=bits, granularity="tensor")
+        p = np.bincount((q - q.min()).ravel()) / q.size
+        p = p[p > 0]
+        entropy = float(-(p * np.log2(p)).sum())
+        assert entropy <= bits and entropy > bits - 0.25
+        # high-rate theory: error ≈ step/√12 relative to σ=1
+        assert err == pytest.approx(float(steps.ravel()[0]) / math.sqrt(12), rel=0.1)
+
+
+def test_structured_matrix_error_bound():
+    # low-rank plus noise, the shape of real weights
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((200, 8)) @ rng.standard_normal((8, 300)) + 0.01 * rng.standard_normal((200, 300))).astype(np.float32)
+    q, steps, err = quantize(w, rel_error=0.02, granularity="channel")
+    assert err <= 0.02
+
+
+def test_toy_model_outputs_within_reported_error(tmp_path):
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 32))
+    path = tmp_path / "m.ncz"
+    report = pack(model.state_dict(), path, recipe="q8")
+    restored = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 32))
+    restored.load_state_dict(load_state_dict(path))
+    x = torch.randn(128, 64)
+    with torch.no_grad():
+        a, b = model(x), restored(x)
+    worst = max(t.rel_error for t in report.tensors)
+    # errors of two layers compound at most additively (to first order)
+    assert float((a - b).norm() / a.norm()) <= 2.5 * worst
+
+
+def test_checkpoint_formats_and_unpack(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sd = {"a.weight": torch.randn(16, 8), "a.bias": torch.randn(16)}
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    torch.save(sd, tmp_path / "m.pt")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file(sd, str(hf / "model.safetensors"))
+    for source in (tmp_path / "m.safetensors", tmp_path / "m.pt", hf):
+        out = tmp_path / f"{source.name}.ncz"
+        pack(source, out)
+        assert all(_bits_equal(load_state_dict(out)[k], sd[k]) for k in sd)
+    unpack(tmp_path / "m.pt.ncz", tmp_path / "back.safetensors")
+    st_back = load_file(str(tmp_path / "back.safetensors"))
+    assert all(_bits_equal(st_back[k], sd[k]) for k in sd)
+    unpack(tmp_path / "m.pt.ncz", tmp_path / "back.pt")
+    pt_back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert all(_bits_equal(pt_back[k], sd[k]) for k in sd)
+    rows = describe(tmp_path / "m.pt.ncz")
+    assert [r.name for r in rows] == ["a.weight", "a.bias"]
+
+
+class _Evil:
+    pass
+
+
+def test_hostile_checkpoints_are_refused(tmp_path, capsys):
+    torch.save({"obj": _Evil(), "w": torch.randn(3)}, tmp_path / "evil.pt")
+    with pytest.raises(nf.InputError, match="unpickle"):
+        open_checkpoint(tmp_path / "evil.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(nf.InputError):
+        open_checkpoint(tmp_path / "junk.pt")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    with pytest.raises(nf.InputError):
+        open_checkpoint(tmp_path / "junk.safetensors")
+    assert main(["pack", str(tmp_path / "evil.pt"), "-o", str(tmp_path / "e.ncz")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "evil.pt" in err and "Traceback" not in err
+    assert not (tmp_path / "e.ncz").exists()
+    with pytest.raises(nf.InputError, match="#"):
+        pack({"bad#name": torch.zeros(2)}, tmp_path / "x.ncz")
+
+
+def test_hostile_archives(tmp_path):
+    path = tmp_path / "m.ncz"
+    pack({"w": torch.randn(64, 64)}, path, recipe="q8")
+    # a plain (non-model) archive is refused by the model loader
+    with nf.Writer(tmp_path / "plain.ncz") as w:
+        w.add("x", b"1")
+    with pytest.raises(nf.InputError, match="not a model archive"):
+        load_state_dict(tmp_path / "plain.ncz")
+    # a quantized head whose index part is missing
+    with nf.open(path) as reader, nf.Writer(tmp_path / "broken.ncz", metadata=reader.metadata) as w:
+        for info in reader.sections:
+            if not info.name.endswith("#q"):
+                w.add_stored(info.name, bytes(reader.stored(info.name)), decoded_length=info.decoded_length,
+                             kind=info.kind, codec=info.codec, params=info.params)
+    with pytest.raises(nf.InputError, match="lacks its part"):
+        load_state_dict(tmp_path / "broken.ncz")
+
+
+def test_cli_pack_info_unpack(tmp_path, capsys):
+    torch.save({"l.weight": torch.randn(128, 64), "l.bias": torch.randn(128)}, tmp_path / "c.pt")
+    assert main(["pack", str(tmp_path / "c.pt"), "-o", str(tmp_path / "c.ncz"), "--preset", "q4"]) == 0
+    assert main(["info", str(tmp_path / "c.ncz")]) == 0
+    out = capsys.readouterr().out
+    assert "quantized" in out and "exact" in out
+    assert main(["verify", str(tmp_path / "c.ncz")]) == 0
+    assert main(["unpack", str(tmp_path / "c.ncz"), "-o", str(tmp_path / "c.safetensors")]) == 0
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[rule]]\npattern = "*.weight"\nrepresentation = "quantized"\nbits = 3.0\n'
+                      '[[rule]]\npattern = "*"\nrepresentation = "lossless"\n')
+    assert main(["pack", str(tmp_path / "c.pt"), "-o", str(tmp_path / "r.ncz"), "--recipe", str(recipe)]) == 0
+    recipe.write_text('[[rule]]\npattern = "*"\nrepresentation = "magic"\n')
+    assert main(["pack", str(tmp_path / "c.pt"), "-o", str(tmp_path / "r2.ncz"), "--recipe", str(recipe)]) == 1
