@@ -6,7 +6,7 @@
 - recipes and presets: :class:`Recipe`
 """
 
-from .archive import PackReport, TensorReport, describe, iter_tensors, load_state_dict, pack, unpack
+from .archive import LoadReport, PackReport, TensorReport, describe, iter_tensors, load_into, load_state_dict, pack, unpack
 from .checkpoint import TensorSource, open_checkpoint
 from .recipe import PRESETS, Recipe, Rule
 
@@ -16,6 +16,8 @@ __all__ = [
     "describe",
     "iter_tensors",
     "load_state_dict",
+    "load_into",
+    "LoadReport",
     "pack",
     "unpack",
     "TensorSource",

@@ -30,15 +30,18 @@ import torch
 from ncz.format import InputError, Kind, Reader, UsageError, Writer
 from ncz.format import open as open_archive
 
+import importlib
+import importlib.util
+
 from . import lossless, quantized  # noqa: F401 - register their decoders
 from .checkpoint import TensorSource, open_checkpoint
 from .lossless import encode_lossless
 from .quantized import encode_quantized
 from .recipe import Recipe
-from .representation import Encoded, decoder_for, torch_dtype
+from .representation import Encoded, decoder_for, module_builder_for, torch_dtype
 
-__all__ = ["ENCODERS", "TensorReport", "PackReport", "pack", "iter_tensors", "load_state_dict", "unpack", "describe",
-           "register_encoder"]
+__all__ = ["ENCODERS", "TensorReport", "PackReport", "pack", "iter_tensors", "load_state_dict", "load_into", "unpack",
+           "describe", "register_encoder", "LoadReport"]
 
 ARCHIVE_TAG = "ncz-model-archive"
 ENCODERS: dict[str, Callable[..., Encoded]] = {"lossless": encode_lossless, "quantized": encode_quantized}
@@ -48,6 +51,12 @@ def register_encoder(name: str, encoder: Callable[..., Encoded]) -> None:
     if name in ENCODERS:
         raise UsageError(f"representation {name!r} already registered")
     ENCODERS[name] = encoder
+
+
+# Representations that register themselves (encoder, decoder, module builder) on import.
+for _module in ("lowrank", "dictionary", "embedding"):
+    if importlib.util.find_spec(f"{__package__}.{_module}") is not None:
+        importlib.import_module(f"{__package__}.{_module}")
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,63 @@ def iter_tensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tens
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Every tensor of a model archive, dense, with the original names, dtypes and shapes."""
     return dict(iter_tensors(path))
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_into` did: which modules were swapped for compact ones."""
+
+    dense: list[str]
+    factorized: list[str]  # module names replaced by compact modules
+    parameter_bytes_before: int
+    parameter_bytes_after: int
+
+
+def _parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, factorized: bool = True,
+              strict: bool = True) -> LoadReport:
+    """Load a model archive into ``model``.
+
+    With ``factorized``, weights stored low-rank, as dictionary codes or as
+    codebooks replace their owning module (``nn.Linear`` → ``LowRankLinear`` …) so
+    the compressed size holds in memory at run time; everything else is copied
+    densely into the existing parameters and buffers.
+    """
+    before = _parameter_bytes(model)
+    own = dict(model.state_dict())
+    dense, swapped, seen = [], [], set()
+    with open_archive(path) as reader:
+        for head in _heads(reader):
+            name = head.name
+            if name not in own:
+                if strict:
+                    raise InputError(f"{reader.name}: tensor {name!r} has no place in the model")
+                continue
+            seen.add(name)
+            owner_name, _, leaf = name.rpartition(".")
+            builder = module_builder_for(head.kind) if factorized and leaf == "weight" else None
+            if builder is not None:
+                owner = model.get_submodule(owner_name) if owner_name else model
+                replacement = builder(head, reader, owner)
+                parent_name, _, child = owner_name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, replacement)
+                swapped.append(owner_name)
+                continue
+            tensor = decoder_for(head.kind)(head, reader)
+            target = own[name]
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise InputError(f"{reader.name}: {name!r} has shape {list(tensor.shape)}, the model expects {list(target.shape)}")
+            with torch.no_grad():
+                target.copy_(tensor.to(target.dtype))
+            dense.append(name)
+    missing = [n for n in own if n not in seen and not any(n.startswith(m + ".") for m in swapped)]
+    if strict and missing:
+        raise InputError(f"{path}: archive lacks {len(missing)} tensors of the model, e.g. {missing[:3]}")
+    return LoadReport(dense, swapped, before, _parameter_bytes(model))
 
 
 def describe(path: str | os.PathLike[str]) -> list[TensorReport]:

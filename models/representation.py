@@ -27,6 +27,8 @@ __all__ = [
     "Encoded",
     "register_decoder",
     "decoder_for",
+    "register_module",
+    "module_builder_for",
     "DTYPE_NAMES",
     "dtype_name",
     "torch_dtype",
@@ -108,6 +110,26 @@ def register_decoder(kind: Kind, decoder: Decoder) -> None:
 
 def decoder_for(kind: int) -> Decoder | None:
     return _DECODERS.get(kind)
+
+
+ModuleBuilder = Callable[[SectionInfo, Reader, torch.nn.Module], torch.nn.Module]
+_MODULES: dict[int, ModuleBuilder] = {}
+
+
+def register_module(kind: Kind, builder: ModuleBuilder) -> None:
+    """Register how a head of ``kind`` becomes a compact module (``load_into(factorized=True)``).
+
+    ``builder(head, reader, original)`` gets the module that owns the weight
+    (e.g. an ``nn.Linear``) and returns its replacement (e.g. ``LowRankLinear``)
+    carrying over everything but the weight (bias, padding_idx, ...).
+    """
+    if int(kind) in _MODULES:
+        raise UsageError(f"a module builder for kind {kind!r} is already registered")
+    _MODULES[int(kind)] = builder
+
+
+def module_builder_for(kind: int) -> ModuleBuilder | None:
+    return _MODULES.get(kind)
 
 
 def read_part(reader: Reader, head: SectionInfo, part: str, *, dtype: str | None = None) -> np.ndarray:
