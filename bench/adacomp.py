@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args(argv)
     if args.lstm_steps is None:
-        args.lstm_steps = 100 if args.quick else 600
+        args.lstm_steps = 50 if args.quick else 600
     if args.cnn_steps is None:
         args.cnn_steps = 200 if args.quick else 600
     if args.quick:

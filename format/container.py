@@ -266,6 +266,7 @@ class Writer:
         params: Mapping[str, Any] | None = None,
         critical: bool = True,
         options: Mapping[str, Any] | None = None,
+        aligned: bool | None = None,
     ) -> SectionInfo:
         """Encode ``data`` with ``codec`` and append it as section ``name``.
 
@@ -284,11 +285,13 @@ class Writer:
             raise UsageError(f"section {name!r}: params {sorted(clash)} are reserved by codec {Codec(codec).name}")
         merged.update(codec_params)
         return self.add_stored(
-            name, stored, decoded_length=len(data), kind=kind, codec=codec, params=merged, critical=critical
+            name, stored, decoded_length=len(data), kind=kind, codec=codec, params=merged, critical=critical,
+            aligned=aligned,
         )
 
     def add_encoded(self, name: str, payload: "EncodedPayload", *, kind: int,
-                    params: Mapping[str, Any] | None = None, critical: bool = True) -> SectionInfo:
+                    params: Mapping[str, Any] | None = None, critical: bool = True,
+                    aligned: bool | None = None) -> SectionInfo:
         """Append a payload already encoded by :func:`encode_payload`."""
         merged = dict(params or {})
         clash = set(merged) & set(payload.params)
@@ -296,7 +299,7 @@ class Writer:
             raise UsageError(f"section {name!r}: params {sorted(clash)} are reserved by its codec")
         merged.update(payload.params)
         return self.add_stored(name, payload.stored, decoded_length=payload.decoded_length, kind=kind,
-                               codec=payload.codec, params=merged, critical=critical)
+                               codec=payload.codec, params=merged, critical=critical, aligned=aligned)
 
     def add_stored(
         self,
@@ -308,8 +311,12 @@ class Writer:
         codec: int,
         params: Mapping[str, Any] | None = None,
         critical: bool = True,
+        aligned: bool | None = None,
     ) -> SectionInfo:
-        """Append already-encoded bytes (used by the entropy coders)."""
+        """Append already-encoded bytes (used by the entropy coders).
+
+        ``aligned`` (default: the codec's default, True for raw) places the
+        payload at a multiple of 64 so it can be used in place from a mapping."""
         if self._closed:
             raise UsageError("writer is closed")
         if not isinstance(name, str) or not name or len(name.encode("utf-8")) > MAX_NAME_BYTES:
@@ -321,7 +328,9 @@ class Writer:
         params = dict(params or {})
         canonical.pack(params)  # fail now, not at close, on unstorable params
         _check_params(int(kind), params, decoded_length, f"section {name!r}", Limits())
-        flags = (int(SectionFlag.CRITICAL) if critical else 0) | (int(SectionFlag.ALIGNED) if get_codec(int(codec)).aligned else 0)
+        if aligned is None:
+            aligned = get_codec(int(codec)).aligned
+        flags = (int(SectionFlag.CRITICAL) if critical else 0) | (int(SectionFlag.ALIGNED) if aligned else 0)
         offset = _align(self._position, flags)
         if offset > self._position:
             self._file.write(bytes(offset - self._position))
@@ -472,8 +481,6 @@ class Reader:
                     what = f"kind {info.kind}" if not _known_kind(info.kind) else f"codec {info.codec}"
                     raise UnsupportedError(f"{where}: critical section uses unknown {what}; upgrade ncz to read this file")
             else:
-                if get_codec(info.codec).aligned and not info.flags & SectionFlag.ALIGNED:
-                    raise FormatError(f"{where}: codec {info.codec_name} requires flag ALIGNED")
                 if info.codec == Codec.RAW and info.decoded_length != info.stored_length:
                     raise FormatError(f"{where}: raw section has stored_length {info.stored_length} != decoded_length {info.decoded_length}")
                 _check_params(info.kind, info.params, info.decoded_length, where, self.limits)

@@ -55,6 +55,7 @@ __all__ = [
     "ModelId",
     "CategoricalModel",
     "ConditionalModel",
+    "IndexedModel",
     "encode",
     "decode",
     "information",
@@ -143,19 +144,58 @@ class ConditionalModel:
 
     @functools.cached_property
     def _layout(self) -> _Layout:
-        count = self.table_ids.size
-        # 16-bit keys take numpy's radix sort: O(n), about 10x faster than int32 here
-        keys = self.table_ids.astype(np.int16) if self.grid.num_tables <= 2**15 else self.table_ids
-        order = np.argsort(keys, kind="stable")
-        ids = self.table_ids[order]
-        cuts = np.flatnonzero(np.diff(ids)) + 1
-        starts = np.concatenate(([0], cuts)) if count else np.zeros(0, np.int64)
-        stops = np.concatenate((cuts, [count])) if count else np.zeros(0, np.int64)
-        segments = [(int(a), int(b), self.grid.table(int(ids[a]))) for a, b in zip(starts, stops)]
-        return _Layout(order, self.offsets[order], segments)
+        return _layout_by_table(self.table_ids, self.offsets, self.grid.num_tables, self.grid.table)
 
 
-Model = CategoricalModel | ConditionalModel
+def _layout_by_table(table_ids: np.ndarray, offsets: np.ndarray, num_tables: int, table_of) -> _Layout:
+    """Coding order = positions stably sorted by table id (FORMAT.md §7.1)."""
+    count = table_ids.size
+    # 16-bit keys take numpy's radix sort: O(n), about 10x faster than int32 here
+    keys = table_ids.astype(np.int16) if num_tables <= 2**15 else table_ids
+    order = np.argsort(keys, kind="stable")
+    ids = table_ids[order]
+    cuts = np.flatnonzero(np.diff(ids)) + 1
+    starts = np.concatenate(([0], cuts)) if count else np.zeros(0, np.int64)
+    stops = np.concatenate((cuts, [count])) if count else np.zeros(0, np.int64)
+    segments = [(int(a), int(b), table_of(int(ids[a]))) for a, b in zip(starts, stops)]
+    return _Layout(order, offsets[order], segments)
+
+
+@dataclass(frozen=True, eq=False)
+class IndexedModel:
+    """Each symbol picks one of a fixed list of tables by index (e.g. the
+    per-channel tables of a factorized prior); offsets default to 0."""
+
+    tables: tuple[FrequencyTable, ...]
+    table_ids: np.ndarray = field(repr=False)
+    offsets: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        ids = np.ascontiguousarray(self.table_ids, dtype=np.int32).ravel()
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self.tables)):
+            raise UsageError(f"table ids must lie in 0..{len(self.tables) - 1}")
+        object.__setattr__(self, "tables", tuple(self.tables))
+        object.__setattr__(self, "table_ids", ids)
+        offsets = np.zeros(ids.size, np.int64) if self.offsets is None else np.asarray(self.offsets, np.int64).ravel()
+        if offsets.shape != ids.shape:
+            raise UsageError("offsets and table_ids differ in length")
+        object.__setattr__(self, "offsets", offsets)
+
+    @property
+    def size(self) -> int:
+        return int(self.table_ids.size)
+
+    def layout(self, count: int) -> _Layout:
+        if count != self.table_ids.size:
+            raise UsageError(f"model describes {self.table_ids.size} symbols, got {count}")
+        return self._layout
+
+    @functools.cached_property
+    def _layout(self) -> _Layout:
+        return _layout_by_table(self.table_ids, self.offsets, len(self.tables), self.tables.__getitem__)
+
+
+Model = CategoricalModel | ConditionalModel | IndexedModel
 
 
 def _as_symbols(symbols: np.ndarray) -> np.ndarray:
@@ -238,7 +278,7 @@ def decode(data: bytes | memoryview, model: Model, count: int | None = None, cod
            *, where: str = "stream") -> np.ndarray:
     """Mirror of :func:`encode`: ``count`` int32 symbols (implied by a conditional model)."""
     if count is None:
-        if not isinstance(model, ConditionalModel):
+        if isinstance(model, CategoricalModel):
             raise UsageError("count is required with a categorical model")
         count = model.size
     if count < 0:
@@ -323,7 +363,7 @@ class BitsBackStack:
     def pop(self, model: Model, count: int | None = None) -> np.ndarray:
         """Decode symbols from the top of the stack (borrowing bits if they were not pushed)."""
         if count is None:
-            if not isinstance(model, ConditionalModel):
+            if isinstance(model, CategoricalModel):
                 raise UsageError("count is required with a categorical model")
             count = model.size
         available = self.num_bits

@@ -37,7 +37,7 @@ class SectionCodec:
     codec: Codec
     encode: Callable[[Buffer, Mapping[str, Any]], tuple[bytes, dict[str, Any]]]
     decode: Callable[[Buffer, Mapping[str, Any], int, str], bytes]
-    aligned: bool  # payload starts at a multiple of 64 (FORMAT.md §4.4)
+    aligned: bool  # writers align its payloads to 64 by default (FORMAT.md §4.4)
     # True when decoding needs data from outside the section (e.g. the means
     # and scales of a conditional entropy stream); verify() then checks only
     # the checksum.

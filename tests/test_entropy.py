@@ -270,3 +270,20 @@ def test_scale_index_is_exactly_the_count_of_smaller_boundaries():
     scales = np.concatenate([np.exp(rng.uniform(-40, 40, 100_000)), b, np.nextafter(b, 0), np.nextafter(b, np.inf),
                              grid.scales, [0.0, 5e-324, 1e308, np.inf]])
     assert np.array_equal(grid.scale_index(scales), np.searchsorted(b, scales, side="left"))
+
+
+@pytest.mark.parametrize("coder", CODERS)
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_indexed_model_round_trip(coder, data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 1000)))
+    tables = tuple(fit_table(np.round(rng.normal(0, s, 500)).astype(int)) for s in (0.3, 2.0, 40.0))
+    n = data.draw(st.integers(0, 3000))
+    ids = rng.integers(0, len(tables), n)
+    symbols = np.round(rng.normal(0, 10, n)).astype(np.int32)
+    model = E.IndexedModel(tables, ids, rng.integers(-5, 5, n))
+    stream = E.encode(symbols, model, coder)
+    assert np.array_equal(E.decode(stream, model, coder=coder), symbols)
+    assert len(stream) * 8 <= _bound(E.information(symbols, model))
+    with pytest.raises(nf.UsageError):
+        E.IndexedModel(tables, np.array([3]))

@@ -161,14 +161,14 @@ def test_zstd_bomb_declaration_rejected():
         (lambda t: t + [t[0]], "not unique"),
         (lambda t: [t[0], [t[1][0], 3, 0, 1, t[1][4] + 64, *t[1][5:]], t[2]], "offset"),
         (lambda t: [[*t[0][:3], 4, *t[0][4:]], *t[1:]], "reserved"),
-        (lambda t: [*t[:2], [*t[2][:3], 1, *t[2][4:]]], "requires flag ALIGNED|offset"),
+        (lambda t: [*t[:2], [*t[2][:3], 1, *t[2][4:]]], "offset"),
         (lambda t: [t[0][:8], *t[1:]], "array of 9"),
         (lambda t: [[t[0][0], -1, *t[0][2:]], *t[1:]], "non-negative"),
         (lambda t: [[*t[0][:8], []], *t[1:]], "params must be a msgpack map"),
         (lambda t: {"not": "array"}, "array"),
         (lambda t: t[:2], "unaccounted"),
     ],
-    ids=["duplicate-name", "overlap-offset", "reserved-flag", "raw-unaligned", "short-entry", "negative", "params-type", "table-type", "gap"],
+    ids=["duplicate-name", "overlap-offset", "reserved-flag", "flag-changes-placement", "short-entry", "negative", "params-type", "table-type", "gap"],
 )
 def test_table_rules(mutate, message):
     with pytest.raises(nf.FormatError, match=message):
