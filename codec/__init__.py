@@ -1,1 +1,35 @@
-"""placeholder"""
+"""ncz.codec: the learned image codec (mean-scale hyperprior with gain units).
+
+- networks and training: :mod:`ncz.codec.networks`, :mod:`ncz.codec.train`
+- bit-exact integer hyper-synthesis: :mod:`ncz.codec.integer`
+- weights files and the runtime: :func:`load_codec`, :func:`export_codec`
+- image sections: :func:`encode_pixels`, :func:`write_image_section`, :func:`decode_section`
+- pixel files: :func:`read_image`, :func:`write_image`; rate control: :func:`choose_quality`
+
+Importing this package registers a Pillow plugin, so ``Image.open("x.ncz")`` works.
+"""
+
+from . import pillow_plugin as _pillow_plugin
+from .image import decode_section, encode_pixels, write_image_section
+from .imageio import Pixels, read_image, write_image
+from .networks import CodecConfig, HyperpriorCodec
+from .rate import choose_quality
+from .weights import CodecRuntime, default_weights_path, export_codec, load_codec
+
+_pillow_plugin.register()
+
+__all__ = [
+    "CodecConfig",
+    "HyperpriorCodec",
+    "CodecRuntime",
+    "load_codec",
+    "export_codec",
+    "default_weights_path",
+    "Pixels",
+    "read_image",
+    "write_image",
+    "encode_pixels",
+    "write_image_section",
+    "decode_section",
+    "choose_quality",
+]

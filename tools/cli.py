@@ -187,6 +187,106 @@ def _model_rows(path: str) -> list[dict] | None:
              "rel_error": t.rel_error} for t in describe(path)]
 
 
+def _read_input(path: str):
+    from ncz.codec.imageio import read_image
+
+    if path == "-":
+        return read_image(sys.stdin.buffer.read(), name="<stdin>")
+    return read_image(path)
+
+
+def _image_name(path: str, used: set[str]) -> str:
+    import os
+
+    base = "image" if path == "-" else os.path.splitext(os.path.basename(path))[0].replace("#", "_") or "image"
+    name, k = base, 1
+    while name in used:
+        k += 1
+        name = f"{base}-{k}"
+    used.add(name)
+    return name
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    import io
+    import os
+
+    from ncz.codec import choose_quality, load_codec, write_image_section
+
+    runtime = load_codec(args.model)
+    images = [(path, _read_input(path)) for path in args.inputs]
+    for path, pixels in images:
+        for note in pixels.notes:
+            print(f"ncz: note: {path}: {note}", file=sys.stderr)
+    buffer = io.BytesIO() if args.output == "-" else None
+    from ncz.format import Writer
+
+    used: set[str] = set()
+    total_pixels = 0
+    with Writer(buffer if buffer is not None else args.output,
+                metadata={"format": "ncz-images", "images": len(images)}) as writer:
+        for path, pixels in images:
+            quality = args.quality
+            if args.bpp is not None or args.size is not None:
+                target_bits = args.bpp * pixels.width * pixels.height if args.bpp is not None else 8 * args.size
+                quality = choose_quality(runtime, pixels, target_bits / max(len(images), 1) if args.size else target_bits)
+            write_image_section(writer, _image_name(path, used), runtime, pixels, quality)
+            total_pixels += pixels.width * pixels.height
+    if buffer is not None:
+        sys.stdout.buffer.write(buffer.getvalue())
+        size = len(buffer.getvalue())
+    else:
+        size = os.path.getsize(args.output)
+    if args.verbose:
+        print(f"ncz: {args.output}: {len(images)} image(s), {size} bytes, {8 * size / total_pixels:.4f} bpp "
+              f"(whole file)", file=sys.stderr)
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    import os
+
+    from ncz.codec import decode_section, load_codec
+    from ncz.codec.imageio import write_image
+    from ncz.format import Kind, open_bytes
+
+    reader = open_bytes(sys.stdin.buffer.read(), name="<stdin>") if args.input == "-" else open_archive(args.input)
+    with reader:
+        names = [s.name for s in reader.sections if s.kind == Kind.IMAGE]
+        if not names:
+            from ncz.format import InputError
+
+            raise InputError(f"{reader.name}: holds no image sections")
+        runtime = load_codec(args.model)
+        if len(names) == 1 and not os.path.isdir(args.output):
+            pixels = decode_section(reader, names[0], runtime)
+            if args.output == "-":
+                write_image(pixels, sys.stdout.buffer, fmt="PNG")
+            else:
+                from ncz.models.archive import _atomic_write
+
+                ext = os.path.splitext(args.output)[1].lower()
+                fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".ppm": "PPM", ".pgm": "PPM",
+                       ".bmp": "BMP", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}.get(ext)
+                if fmt is None:
+                    from ncz.format import UsageError
+
+                    raise UsageError(f"{args.output}: unknown image extension (.png, .jpg, .ppm, .pgm, .bmp, .webp, .tiff)")
+                _atomic_write(__import__("pathlib").Path(args.output), lambda h: write_image(pixels, h, fmt=fmt))
+        else:
+            os.makedirs(args.output, exist_ok=True)
+            for name in names:
+                pixels = decode_section(reader, name, runtime)
+                from ncz.models.archive import _atomic_write
+
+                _atomic_write(__import__("pathlib").Path(args.output) / f"{name}.{args.format}",
+                              lambda h: write_image(pixels, h, fmt={"png": "PNG", "ppm": "PPM", "bmp": "BMP",
+                                                                    "webp": "WEBP", "jpg": "JPEG"}[args.format]))
+    if args.verbose:
+        print(f"ncz: decoded {len(names)} image(s) to {args.output}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Write a small archive exercising every section codec (until images/models exist)."""
     import numpy as np
@@ -243,6 +343,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE", help=".ncz files")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("encode", help="compress images with the learned codec")
+    p.add_argument("inputs", nargs="+", metavar="IN", help="PNG, JPEG, PPM/PGM, BMP, WebP, TIFF; - for stdin")
+    p.add_argument("-o", "--output", required=True, help="output .ncz (- for stdout)")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--quality", type=float, default=3.0, help="0 (smallest) .. top level of the model; fractional values interpolate (default 3)")
+    rate.add_argument("--bpp", type=float, help="target bits per pixel (searches the quality)")
+    rate.add_argument("--size", type=int, help="target file size in bytes (searches the quality)")
+    p.add_argument("--model", help="codec weights (.ncz); default: the shipped weights")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the real bpp from the file size")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="decompress images from an .ncz")
+    p.add_argument("input", help="input .ncz (- for stdin)")
+    p.add_argument("-o", "--output", required=True, help="OUT.png/.jpg/.ppm/.bmp/.webp, a folder for several images, - for stdout (PNG)")
+    p.add_argument("--format", default="png", choices=["png", "ppm", "bmp", "webp", "jpg"], help="format of files written into a folder")
+    p.add_argument("--model", help="codec weights (.ncz); default: the shipped weights")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("demo", help="write a small demo archive")
     p.add_argument("-o", "--output", required=True, help="output .ncz path")

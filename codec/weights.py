@@ -1,0 +1,180 @@
+"""Codec weights as an ncz model archive, and the runtime built from them.
+
+A weights file is an ordinary model archive (``ncz.models``) whose tensors are
+the float transforms (g_a, h_a, g_s, gain units), the integer hyper-synthesis
+(``int_hs.*``) and the integer frequency tables of the factorized prior for z
+(``z_tables.*``). Everything the *decoder* needs to entropy-decode is integer
+and stored, never recomputed, so decoding does not depend on float math:
+
+- ``int_hs.{i}.weight`` int32, ``.scale``/``.bias`` float64, ``.config`` int64
+  [transposed, stride, padding, output_padding, leaky], ``.out_step`` float64 [1];
+- ``z_tables.freqs`` int64 (C, L) zero-padded, ``z_tables.offsets`` int64 (C,),
+  ``z_tables.lengths`` int64 (C,): one table per channel of z, with escape.
+
+The archive header records ``codec`` (the CodecConfig as a map) and ``model_id``.
+The sha256 of the file bytes identifies the weights in every image section.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ncz.format import InputError
+from ncz.format import open as open_archive
+from ncz.format.entropy_tables import FrequencyTable, quantize_masses
+from ncz.models import Recipe, load_state_dict, pack
+
+from .integer import IntegerHyperSynthesis, IntegerLayer
+from .networks import CodecConfig, HyperpriorCodec
+
+__all__ = ["CodecRuntime", "export_codec", "load_codec", "default_weights_path", "build_z_tables"]
+
+WEIGHTS_RECIPE = Recipe.from_dict({"name": "codec-weights", "rule": [
+    {"pattern": "int_hs.*", "representation": "lossless"},
+    {"pattern": "z_tables.*", "representation": "lossless"},
+    {"pattern": "*", "ndim": [2, 3, 4], "min_numel": 4096, "representation": "quantized", "rel_error": 0.002,
+     "granularity": "channel"},
+    {"pattern": "*", "representation": "lossless"},
+]})
+
+
+@dataclass
+class CodecRuntime:
+    """Everything needed to encode and decode images with one set of weights."""
+
+    model_id: str
+    weights_hash: str
+    config: CodecConfig
+    net: HyperpriorCodec
+    int_hs: IntegerHyperSynthesis
+    z_tables: tuple[FrequencyTable, ...]
+    path: Path | None = None
+
+
+def build_z_tables(net: HyperpriorCodec, tail_mass: float = 1e-9) -> tuple[FrequencyTable, ...]:
+    """Integer tables (with escape) of the factorized prior, one per channel of z."""
+    eb = net.entropy_bottleneck
+    lo, hi = eb.support(tail_mass=tail_mass)
+    tables = []
+    for c in range(eb.channels):
+        l, h = int(lo[c]), int(hi[c])
+        if h - l > 4094:
+            mid = (l + h) // 2
+            l, h = mid - 2047, mid + 2047
+        pmf = eb.integer_pmf(l, h)[c].double().numpy()
+        escape = max(0.0, 1.0 - float(pmf.sum()))
+        tables.append(FrequencyTable(l, quantize_masses(np.append(pmf, max(escape, 1e-12))), escape=True))
+    return tuple(tables)
+
+
+def _int_hs_tensors(int_hs: IntegerHyperSynthesis) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, layer in enumerate(int_hs.layers):
+        out[f"int_hs.{i}.weight"] = torch.from_numpy(layer.weight.astype(np.int32))
+        out[f"int_hs.{i}.scale"] = torch.from_numpy(layer.scale.astype(np.float64))
+        out[f"int_hs.{i}.bias"] = torch.from_numpy(layer.bias.astype(np.float64))
+        out[f"int_hs.{i}.config"] = torch.tensor(
+            [int(layer.transposed), layer.stride, layer.padding, layer.output_padding, int(layer.leaky)], dtype=torch.int64)
+        out[f"int_hs.{i}.out_step"] = torch.tensor([layer.out_step], dtype=torch.float64)
+    return out
+
+
+def _z_table_tensors(tables: tuple[FrequencyTable, ...]) -> dict[str, torch.Tensor]:
+    width = max(t.freqs.size for t in tables)
+    freqs = np.zeros((len(tables), width), np.int64)
+    for c, t in enumerate(tables):
+        freqs[c, : t.freqs.size] = t.freqs
+    return {"z_tables.freqs": torch.from_numpy(freqs),
+            "z_tables.offsets": torch.tensor([t.offset for t in tables], dtype=torch.int64),
+            "z_tables.lengths": torch.tensor([t.freqs.size for t in tables], dtype=torch.int64)}
+
+
+def export_codec(net: HyperpriorCodec, output: str | os.PathLike[str], calibration: list[torch.Tensor], *,
+                 step: int | None = None) -> Path:
+    """Write ``net`` as a weights file. ``calibration``: images (B, 3, H, W) in [0, 1], H, W multiples of 64."""
+    net = net.eval().float()
+    z_cal = []
+    with torch.no_grad():
+        for x in calibration:
+            for q in range(net.num_levels):
+                z_cal.append(torch.round(net.hyper_analysis(net.analysis(x, float(q)))))
+    int_hs = IntegerHyperSynthesis.from_float(net.h_s, z_cal)
+    tensors = {k: v for k, v in net.state_dict().items() if not k.startswith("h_s.")}
+    tensors.update(_int_hs_tensors(int_hs))
+    tensors.update(_z_table_tensors(build_z_tables(net)))
+    config = net.config.to_dict()
+    metadata = {"codec": config, "model_id": f"{net.config.arch}/N{net.config.N}-M{net.config.M}"}
+    if step is not None:
+        metadata["train_steps"] = int(step)
+    pack(tensors, output, recipe=WEIGHTS_RECIPE, metadata=metadata)
+    return Path(output)
+
+
+def default_weights_path() -> Path:
+    """The weights shipped inside the package (``ncz/codec/weights/default.ncz``)."""
+    return Path(str(resources.files("ncz.codec").joinpath("weights/default.ncz")))
+
+
+_CACHE: dict[tuple[str, float], CodecRuntime] = {}
+
+
+def load_codec(path: str | os.PathLike[str] | None = None) -> CodecRuntime:
+    """Load a weights file (default: the shipped one). Cached per path and mtime."""
+    path = Path(path) if path is not None else default_weights_path()
+    if not path.exists():
+        raise InputError(f"{path}: codec weights not found")
+    key = (str(path.resolve()), path.stat().st_mtime)
+    if key in _CACHE:
+        return _CACHE[key]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with open_archive(path) as reader:
+        meta = dict(reader.metadata)
+    if "codec" not in meta or "model_id" not in meta:
+        raise InputError(f"{path}: not an ncz codec weights file (header lacks codec/model_id)")
+    try:
+        config = CodecConfig.from_dict(meta["codec"])
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: invalid codec config ({exc})") from exc
+    tensors = load_state_dict(path)
+    layers = []
+    i = 0
+    while f"int_hs.{i}.weight" in tensors:
+        cfg = tensors[f"int_hs.{i}.config"].tolist()
+        if len(cfg) != 5:
+            raise InputError(f"{path}: int_hs.{i}.config must have 5 entries")
+        layers.append(IntegerLayer(
+            transposed=bool(cfg[0]), weight=tensors[f"int_hs.{i}.weight"].numpy().astype(np.int32),
+            scale=tensors[f"int_hs.{i}.scale"].numpy().astype(np.float64),
+            bias=tensors[f"int_hs.{i}.bias"].numpy().astype(np.float64), stride=int(cfg[1]), padding=int(cfg[2]),
+            output_padding=int(cfg[3]), leaky=bool(cfg[4]), out_step=float(tensors[f"int_hs.{i}.out_step"][0])))
+        i += 1
+    if not layers:
+        raise InputError(f"{path}: weights lack the integer hyper-synthesis (int_hs.*)")
+    int_hs = IntegerHyperSynthesis(layers)
+    freqs = tensors["z_tables.freqs"].numpy()
+    offsets = tensors["z_tables.offsets"].numpy()
+    lengths = tensors["z_tables.lengths"].numpy()
+    if not (freqs.shape[0] == offsets.size == lengths.size == config.N):
+        raise InputError(f"{path}: z_tables must have one table per channel of z ({config.N})")
+    try:
+        z_tables = tuple(FrequencyTable(int(offsets[c]), freqs[c, : int(lengths[c])], escape=True)
+                         for c in range(config.N))
+    except Exception as exc:  # table validation errors are NczErrors or numpy errors on bad lengths
+        raise InputError(f"{path}: invalid z tables ({exc})") from exc
+    net = HyperpriorCodec(config).eval()
+    missing = net.load_state_dict({k: v for k, v in tensors.items()
+                                   if not k.startswith(("int_hs.", "z_tables."))}, strict=False)
+    absent = [k for k in missing.missing_keys if not k.startswith("h_s.")]
+    if absent or missing.unexpected_keys:
+        raise InputError(f"{path}: weights do not match the architecture (missing {absent[:3]}, "
+                         f"unexpected {missing.unexpected_keys[:3]})")
+    runtime = CodecRuntime(str(meta["model_id"]), digest, config, net, int_hs, z_tables, path)
+    _CACHE[key] = runtime
+    return runtime
