@@ -1,0 +1,191 @@
+"""The image codec end to end, on a tiny randomly initialised model (fast, no
+shipped weights needed): determinism across threads and processes, sections,
+alpha, grayscale, tiles, rate control, hostile inputs, CLI."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ncz.format as nf
+from ncz.codec import HyperpriorCodec, Pixels, choose_quality, decode_section, encode_pixels, export_codec, load_codec, read_image
+from ncz.codec.image import TILE, write_image_section
+from ncz.format import entropy as E
+from ncz.tools.cli import main
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    net = HyperpriorCodec(N=16, M=24).eval()
+    calibration = [torch.rand(1, 3, 128, 128)]
+    path = tmp_path_factory.mktemp("w") / "tiny.ncz"
+    export_codec(net, path, calibration)
+    return path
+
+
+def _photo(h=96, w=160, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], axis=2)
+    return np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+
+
+def _encode(runtime, pixels, q=2.0) -> bytes:
+    buffer = io.BytesIO()
+    with nf.Writer(buffer) as writer:
+        write_image_section(writer, "img", runtime, pixels, q)
+    return buffer.getvalue()
+
+
+def test_round_trip_shapes_and_determinism(weights):
+    runtime = load_codec(weights)
+    pixels = Pixels(_photo())
+    data = _encode(runtime, pixels)
+    assert data == _encode(runtime, pixels)  # deterministic writer and encoder
+    with nf.open_bytes(data) as reader:
+        reader.verify()
+        out = decode_section(reader, "img", runtime)
+        again = decode_section(reader, "img", runtime)
+    assert out.rgb.shape == pixels.rgb.shape and out.rgb.dtype == np.uint8
+    assert np.array_equal(out.rgb, again.rgb)
+
+
+def test_decode_identical_across_thread_counts_and_processes(weights, tmp_path):
+    """Encode with 2 threads in one process, decode with 1 in another: same pixels."""
+    src = tmp_path / "in.png"
+    Image.fromarray(_photo(128, 200, seed=3)).save(src)
+    code = ("import sys,torch,numpy as np;torch.set_num_threads(int(sys.argv[1]));"
+            "from ncz.tools.cli import main;sys.exit(main(sys.argv[2:]))")
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    enc = tmp_path / "a.ncz"
+    subprocess.run([sys.executable, "-c", code, "2", "encode", str(src), "-o", str(enc), "--model", str(weights)],
+                   check=True, env=env)
+    outs = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"out{threads}.png"
+        subprocess.run([sys.executable, "-c", code, threads, "decode", str(enc), "-o", str(out), "--model", str(weights)],
+                       check=True, env={**os.environ, "OMP_NUM_THREADS": threads})
+        outs.append(np.asarray(Image.open(out)))
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_streams_meet_their_information_bound(weights):
+    runtime = load_codec(weights)
+    pixels = Pixels(_photo(128, 128, seed=5))
+    params, payload = encode_pixels(runtime, pixels, 3.0)
+    x = torch.from_numpy(pixels.rgb).permute(2, 0, 1).float()[None] / 255
+    with torch.no_grad():
+        y = runtime.net.analysis(x, 3.0)
+        z = torch.round(runtime.net.hyper_analysis(y))[0].numpy().astype(np.int32)
+    from ncz.codec.image import _z_model
+
+    info_z = E.information(z.ravel(), _z_model(runtime, z.shape))
+    z_bytes = params["streams"][0]
+    assert z_bytes * 8 <= info_z * 1.001 + 64
+
+
+def test_alpha_grayscale_and_tiles(weights):
+    runtime = load_codec(weights)
+    rgb = _photo(TILE + 40, 70, seed=1)  # two tiles
+    alpha = (np.arange(rgb.shape[0] * rgb.shape[1]) % 251).astype(np.uint8).reshape(rgb.shape[:2])
+    with nf.open_bytes(_encode(runtime, Pixels(rgb, alpha))) as reader:
+        out = decode_section(reader, "img", runtime)
+    assert out.rgb.shape == rgb.shape and np.array_equal(out.alpha, alpha)  # alpha is lossless
+    gray = Pixels(_photo(50, 60)[:, :, :1].copy())
+    with nf.open_bytes(_encode(runtime, gray)) as reader:
+        out = decode_section(reader, "img", runtime)
+    assert out.rgb.shape == (50, 60, 1)
+
+
+def test_wrong_weights_is_a_clear_error(weights, tmp_path):
+    runtime = load_codec(weights)
+    data = _encode(runtime, Pixels(_photo(64, 64)))
+    torch.manual_seed(1)
+    other = tmp_path / "other.ncz"
+    export_codec(HyperpriorCodec(N=16, M=24).eval(), other, [torch.rand(1, 3, 64, 64)])
+    with nf.open_bytes(data) as reader, pytest.raises(nf.InputError, match="--model"):
+        decode_section(reader, "img", load_codec(other))
+
+
+def test_rate_control_hits_target(weights):
+    runtime = load_codec(weights)
+    pixels = Pixels(_photo(128, 128, seed=2))
+    low = 8 * len(encode_pixels(runtime, pixels, 0.0)[1])
+    high = 8 * len(encode_pixels(runtime, pixels, float(runtime.config.num_levels - 1))[1])
+    target = (low + high) / 2
+    q = choose_quality(runtime, pixels, target)
+    got = 8 * len(encode_pixels(runtime, pixels, q)[1])
+    assert got <= target and 0 < q < runtime.config.num_levels - 1
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"this is not an image", "not an image"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 30, "corrupt|not an image"),
+])
+def test_bad_images_one_line_errors(weights, tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(content)
+    assert main(["encode", str(bad), "-o", str(tmp_path / "o.ncz"), "--model", str(weights)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.png" in err and "Traceback" not in err
+    assert not (tmp_path / "o.ncz").exists()
+
+
+def test_truncated_png_and_conversions(weights, tmp_path):
+    png = io.BytesIO()
+    Image.fromarray(_photo()).save(png, format="PNG")
+    with pytest.raises(nf.InputError, match="corrupt|truncated"):
+        read_image(png.getvalue()[: len(png.getvalue()) // 2], name="half.png")
+    sixteen = tmp_path / "16.png"
+    Image.fromarray((np.arange(40 * 30).reshape(30, 40) * 50).astype(np.uint16)).save(sixteen)
+    pixels = read_image(sixteen)
+    assert pixels.channels == 1 and pixels.notes
+    cmyk = tmp_path / "c.jpg"
+    Image.fromarray(_photo()).convert("CMYK").save(cmyk)
+    pixels = read_image(cmyk)
+    assert pixels.channels == 3 and any("CMYK" in n for n in pixels.notes)
+
+
+def test_dimension_cap(monkeypatch, tmp_path):
+    import ncz.codec.imageio as imageio
+
+    monkeypatch.setattr(imageio, "MAX_SIDE", 32)
+    path = tmp_path / "big.png"
+    Image.fromarray(_photo(40, 40)).save(path)
+    with pytest.raises(nf.LimitError, match="exceeds"):
+        imageio.read_image(path)
+
+
+def test_cli_multi_image_folder_and_stdio(weights, tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.bmp"
+    Image.fromarray(_photo(64, 80)).save(a)
+    Image.fromarray(_photo(48, 48, seed=9)).save(b)
+    archive = tmp_path / "two.ncz"
+    assert main(["encode", str(a), str(b), "-o", str(archive), "--model", str(weights), "--quality", "1.5"]) == 0
+    out_dir = tmp_path / "out"
+    assert main(["decode", str(archive), "-o", str(out_dir), "--model", str(weights)]) == 0
+    assert sorted(os.listdir(out_dir)) == ["a.png", "b.png"]
+    code = "import sys;from ncz.tools.cli import main;sys.exit(main(sys.argv[1:]))"
+    enc = subprocess.run([sys.executable, "-c", code, "encode", "-", "-o", "-", "--model", str(weights)],
+                         input=a.read_bytes(), capture_output=True, check=True)
+    dec = subprocess.run([sys.executable, "-c", code, "decode", "-", "-o", "-", "--model", str(weights)],
+                         input=enc.stdout, capture_output=True, check=True)
+    assert Image.open(io.BytesIO(dec.stdout)).size == (80, 64)
+
+
+def test_pillow_plugin(weights, tmp_path, monkeypatch):
+    runtime = load_codec(weights)
+    path = tmp_path / "p.ncz"
+    path.write_bytes(_encode(runtime, Pixels(_photo(40, 50))))
+    monkeypatch.setenv("NCZ_CODEC_WEIGHTS", str(weights))
+    image = Image.open(path)
+    assert image.format == "NCZ" and image.size == (50, 40)
+    assert np.asarray(image).shape == (40, 50, 3)
