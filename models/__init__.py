@@ -4,10 +4,12 @@
 - representations: lossless (raw / zstd / byte planes), quantized (+ entropy coding)
 - archives: :func:`pack`, :func:`load_state_dict`, :func:`unpack`, :func:`describe`
 - recipes and presets: :class:`Recipe`
+- product-quantized embeddings, task-aware: :class:`CodebookEmbedding`, :func:`finetune_codebooks`
 """
 
 from .archive import LoadReport, PackReport, TensorReport, describe, iter_tensors, load_into, load_state_dict, pack, unpack
 from .checkpoint import TensorSource, open_checkpoint
+from .embedding import CodebookEmbedding, encode_codebook, finetune_codebooks, packable_state_dict, product_quantize
 from .recipe import PRESETS, Recipe, Rule
 
 __all__ = [
@@ -25,4 +27,9 @@ __all__ = [
     "PRESETS",
     "Recipe",
     "Rule",
+    "CodebookEmbedding",
+    "encode_codebook",
+    "finetune_codebooks",
+    "packable_state_dict",
+    "product_quantize",
 ]
