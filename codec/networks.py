@@ -200,10 +200,12 @@ def ste_round(x: Tensor) -> Tensor:
 class NonNegativeParametrizer(nn.Module):
     """Reparametrization ``v = max(p, sqrt(min + ε))² - ε`` keeping ``v ≥ min``.
 
-    Used for GDN's β and γ (Ballé 2018, appendix 6.1): optimizing the square
-    root makes the effective step size scale with the value, so small β / γ
-    entries are not overshot into negatives, and the pedestal ``ε = 2⁻¹⁸``
-    keeps the gradient of the square finite near zero.
+    Used for GDN's β and γ (Ballé 2018, "Efficient nonlinear transforms for
+    lossy image compression", PCS): optimizing the square root makes the
+    effective step size scale with the value, so small β / γ entries are not
+    overshot into negatives; the pedestal ``ε = (2⁻¹⁸)²`` keeps the bound's
+    gradient well defined at zero. Same constants as Ballé's
+    ``tensorflow_compression`` and CompressAI.
     """
 
     def __init__(self, minimum: float = 0.0, reparam_offset: float = 2 ** -18):

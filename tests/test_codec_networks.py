@@ -21,6 +21,16 @@ from ncz.codec.train import Trainer, TrainConfig, evaluate_codec
 TINY = dict(N=16, M=24, lambdas=(0.002, 0.01, 0.05))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy shared
+    CPU OpenMP barriers make multi-threaded tiny ops many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _tiny(seed=0, **kw):
     torch.manual_seed(seed)
     return HyperpriorCodec(CodecConfig(**{**TINY, **kw}))
@@ -180,3 +190,25 @@ def test_train_loop_writes_log_and_checkpoint(tmp_path):
     lines = (tmp_path / "train_log.jsonl").read_text().splitlines()
     assert any('"event": "eval"' in l for l in lines)
     assert Trainer.read_model_config(tmp_path / "latest.pt") == tr.model_config
+
+
+def test_thread_tuner_switches_to_faster_setting():
+    from ncz.codec.train import ThreadTuner
+
+    before = torch.get_num_threads()
+    try:
+        tuner = ThreadTuner(2, probe_every=10, probe_len=3)
+        assert tuner.current == 1
+        fake = {1: 3.0, 2: 1.0}  # pretend 2 threads are 3x faster
+        decisions = []
+        for _ in range(40):
+            d = tuner.record(fake[tuner.active])
+            if d:
+                decisions.append(d)
+        assert decisions and tuner.current == 2
+        fake = {1: 1.0, 2: 5.0}  # now the CPU is oversubscribed: back to 1
+        for _ in range(40):
+            tuner.record(fake[tuner.active])
+        assert tuner.current == 1
+    finally:
+        torch.set_num_threads(before)

@@ -5,9 +5,9 @@ One run trains all quality levels (gain units, one λ per level; see
 
     mkdir -p runs/codec
     nice -n 10 nohup python -m ncz.tools.train_codec --out runs/codec \\
-        --steps 300000 --threads 2 > runs/codec/stdout.log 2>&1 &
+        --steps 150000 --threads auto:2 > runs/codec/stdout.log 2>&1 &
     # later, after an interruption (same command plus --resume):
-    python -m ncz.tools.train_codec --out runs/codec --steps 300000 --threads 2 --resume
+    python -m ncz.tools.train_codec --out runs/codec --steps 150000 --threads auto:2 --resume
 
 ``--resume`` continues from ``OUT/latest.pt`` (or the file given with
 ``--resume-from``): same weights, optimizer moments, step, data stream and
@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast of the transforms (entropy models stay fp32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last)
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--threads", default=None,
+                   help="torch.set_num_threads; 'auto' or 'auto:N' switches between 1 and N (default: all cores) "
+                        "threads by measured step time (best on a shared, oversubscribed CPU)")
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="checkpoint every N steps")
     p.add_argument("--ckpt-minutes", type=float, default=d.ckpt_seconds / 60, help="... or every this many minutes")
     p.add_argument("--keep-every", type=int, default=d.keep_every, help="weights-only snapshot every N steps")
@@ -94,11 +96,16 @@ def _fmt_eval(rep: EvalReport) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    threads_auto = str(args.threads).startswith("auto")
+    if threads_auto:
+        threads = int(args.threads.split(":", 1)[1]) if ":" in args.threads else None
+    else:
+        threads = int(args.threads) if args.threads is not None else None
     cfg = TrainConfig(
         data_dir=args.data, out_dir=args.out, steps=args.steps, batch_size=args.batch_size,
         crop=args.crop, lr=args.lr, lr_drop=args.lr_drop, lr_drop_factor=args.lr_drop_factor,
         warmup_steps=args.warmup_steps, clip_grad=args.clip_grad, seed=args.seed,
-        bf16=args.bf16, channels_last=args.channels_last, device=device, threads=args.threads,
+        bf16=args.bf16, channels_last=args.channels_last, device=device, threads=threads, threads_auto=threads_auto,
         ckpt_every=args.ckpt_every, ckpt_seconds=args.ckpt_minutes * 60, keep_every=args.keep_every,
         eval_every=args.eval_every, log_every=args.log_every, eval_images=tuple(args.eval_images),
         N=args.N, M=args.M, lambdas=tuple(args.lambdas),
@@ -119,7 +126,7 @@ def main(argv=None) -> int:
     mc = trainer.model_config
     print(f"{len(trainer.images)} training images, {len(trainer.eval_images)} eval images; "
           f"N={mc.N} M={mc.M} levels={len(mc.lambdas)} λ={list(mc.lambdas)}; device={device} "
-          f"threads={torch.get_num_threads()} bf16={cfg.bf16} channels_last={cfg.channels_last}", flush=True)
+          f"threads={'auto:' if threads_auto else ''}{torch.get_num_threads() if not threads_auto else (threads or 'all')} bf16={cfg.bf16} channels_last={cfg.channels_last}", flush=True)
 
     def _stop(signum, frame):
         trainer.stop_requested = True
@@ -135,7 +142,8 @@ def main(argv=None) -> int:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{r.loss:.3f}", bpp=f"{r.bpp:.3f}", psnr=f"{r.psnr:.2f}",
-                            lr=f"{r.lr:.1e}", sps=f"{r.steps_per_s:.2f}", refresh=False)
+                            lr=f"{r.lr:.1e}", sps=f"{r.steps_per_s:.2f}", thr=torch.get_num_threads(),
+                            refresh=False)
 
     def write(msg: str):
         (bar.write if bar is not None else print)(msg)
