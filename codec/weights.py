@@ -6,7 +6,7 @@ the float transforms (g_a, h_a, g_s, gain units), the integer hyper-synthesis
 (``z_tables.*``). Everything the *decoder* needs to entropy-decode is integer
 and stored, never recomputed, so decoding does not depend on float math:
 
-- ``int_hs.{i}.weight`` int32, ``.scale``/``.bias`` float64, ``.config`` int64
+- ``int_hs.{i}.weight`` int8, ``.scale``/``.bias`` float64, ``.config`` int64
   [transposed, stride, padding, output_padding, leaky], ``.out_step`` float64 [1];
 - ``z_tables.freqs`` int64 (C, L) zero-padded, ``z_tables.offsets`` int64 (C,),
   ``z_tables.lengths`` int64 (C,): one table per channel of z, with escape.
@@ -77,7 +77,7 @@ def build_z_tables(net: HyperpriorCodec, tail_mass: float = 1e-9) -> tuple[Frequ
 def _int_hs_tensors(int_hs: IntegerHyperSynthesis) -> dict[str, torch.Tensor]:
     out = {}
     for i, layer in enumerate(int_hs.layers):
-        out[f"int_hs.{i}.weight"] = torch.from_numpy(layer.weight.astype(np.int32))
+        out[f"int_hs.{i}.weight"] = torch.from_numpy(layer.weight.astype(np.int8))  # |w| ≤ 127
         out[f"int_hs.{i}.scale"] = torch.from_numpy(layer.scale.astype(np.float64))
         out[f"int_hs.{i}.bias"] = torch.from_numpy(layer.bias.astype(np.float64))
         out[f"int_hs.{i}.config"] = torch.tensor(
