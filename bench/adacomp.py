@@ -32,6 +32,7 @@ Usage::
 
     python bench/adacomp.py            # full run (~10-15 min on 2 cores)
     python bench/adacomp.py --quick    # ~1-2 min smoke run
+    python bench/adacomp.py --from-json bench/results/adacomp.json  # re-plot only
 
 Writes ``bench/results/adacomp.json`` and ``bench/results/adacomp.png`` and
 prints the JSON to stdout.
@@ -420,7 +421,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in runs}, key=lambda m: ["lstm", "cnn"].index(m))
-    fig, axes = plt.subplots(2, len(models), figsize=(6.5 * len(models), 8.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(models), figsize=(6.5 * len(models), 9.5), squeeze=False)
     styles = {"conv": "-", "linear_lstm": "--", "other": ":"}
     colors = {"plain": "tab:gray", "powersgd": "tab:blue", "adacomp": "tab:red"}
     for j, m in enumerate(models):
@@ -431,7 +432,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
                     label=f"{r['method']} ({r['metric_name']}={r['final_metric']:.4g})")
         ax.set_title(f"{m}: training loss (moving avg)")
         ax.set_xlabel("step")
-        ax.legend()
+        ax.legend(loc="upper right")
         ax = axes[1][j]
         for r in (r for r in runs if r["model"] == m):
             for t in LAYER_TYPES:
@@ -441,9 +442,56 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         ax.set_yscale("log")
         ax.set_title(f"{m}: bytes sent per step per worker, by layer type")
         ax.set_xlabel("step")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per model: metric degradation vs plain DDP, bytes vs PowerSGD, issue targets.
+
+    ``degradation`` is relative and positive when worse than plain DDP
+    (perplexity: (m - plain) / plain; accuracy: (plain - m) / plain).
+    """
+    out: dict[str, Any] = {}
+    for model in sorted({r["model"] for r in runs}):
+        by = {r["method"]: r for r in runs if r["model"] == model}
+        entry: dict[str, Any] = {}
+        plain = by.get("plain")
+        for method, r in by.items():
+            e: dict[str, Any] = {"final_metric": r["final_metric"], "bytes_sent": r["bytes_sent"]}
+            if plain is not None:
+                pm, m = plain["final_metric"], r["final_metric"]
+                e["degradation_vs_plain"] = (m - pm) / pm if r["metric_name"] == "val_perplexity" else (pm - m) / pm
+            if "powersgd" in by and method != "powersgd":
+                e["bytes_ratio_vs_powersgd"] = r["bytes_sent"] / by["powersgd"]["bytes_sent"]
+            entry[method] = e
+        if "adacomp" in by:
+            rate = by["adacomp"]["compression_rate"]
+            targets: dict[str, Any] = {}
+            if rate.get("linear_lstm") is not None:
+                targets["linear_lstm_rate_ge_200"] = rate["linear_lstm"] >= 200
+            if rate.get("conv") is not None:
+                targets["conv_rate_ge_40"] = rate["conv"] >= 40
+            if "degradation_vs_plain" in entry["adacomp"]:
+                targets["metric_within_1pct_of_plain"] = entry["adacomp"]["degradation_vs_plain"] <= 0.01
+            if "powersgd" in by:
+                targets["fewer_bytes_than_powersgd"] = by["adacomp"]["bytes_sent"] < by["powersgd"]["bytes_sent"]
+                targets["metric_at_least_powersgd"] = (
+                    entry["adacomp"].get("degradation_vs_plain", 0) <= entry["powersgd"].get("degradation_vs_plain", 0)
+                )
+            entry["adacomp_targets"] = targets
+        out[model] = entry
+    return out
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "adacomp.json").write_text(json.dumps(result, indent=1))
+    try:
+        plot(result["runs"], out_dir / "adacomp.png")
+    except ImportError:
+        print("matplotlib missing (pip install matplotlib); no plot written", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,7 +513,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--powersgd-rank", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="re-summarize and re-plot an existing result JSON without training")
     args = p.parse_args(argv)
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text())
+        result["summary"] = summarize(result["runs"])
+        write_outputs(result, args.out_dir)
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
+        return 0
     if args.lstm_steps is None:
         args.lstm_steps = 50 if args.quick else 600
     if args.cnn_steps is None:
@@ -497,15 +553,10 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "total_wall_s": time.perf_counter() - t0,
+        "summary": summarize(all_runs),
         "runs": all_runs,
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = args.out_dir / "adacomp.json"
-    json_path.write_text(json.dumps(result, indent=1))
-    try:
-        plot(all_runs, args.out_dir / "adacomp.png")
-    except ImportError:
-        print("matplotlib missing (pip install matplotlib); no plot written", file=sys.stderr)
+    write_outputs(result, args.out_dir)
     print(json.dumps(result))
     return 0
 

@@ -133,8 +133,10 @@ __all__ = [
     "AdaCompCompressor",
     "AdaCompState",
     "AdaCompWireError",
+    "LAYER_TYPES",
     "LayerBytes",
     "SparseMessage",
+    "StepStats",
     "WireEncoding",
     "adacomp_hook",
     "decode_message",
@@ -906,7 +908,7 @@ def _local_payload(state: AdaCompState, bucket: dist.GradBucket) -> tuple[bytes,
     by_type = {t: LayerBytes() for t in LAYER_TYPES}
     messages: list[bytes] = []
     offset = 0
-    for p, n in zip(params, layout):
+    for p, n in zip(params, layout, strict=True):
         ltype = layer_type_of(p)
         msg = state.compressor.compress(
             buf[offset : offset + n], residue[offset : offset + n], state.config.bin_len_for(ltype)
@@ -926,7 +928,7 @@ def _aggregate(bucket: dist.GradBucket, payloads: Sequence[bytes]) -> torch.Tens
     for payload in payloads:
         frames = _unframe(payload, len(layout))
         offset = 0
-        for frame, n in zip(frames, layout):
+        for frame, n in zip(frames, layout, strict=True):
             msg = decode_message(frame, expected_numel=n)
             AdaCompCompressor.accumulate(acc[offset : offset + n], msg)
             offset += n
@@ -949,7 +951,7 @@ def _all_gather_bytes(payload: bytes, device: torch.device, group: dist.ProcessG
     local = local.to(device)
     gathered = [torch.empty(max_len, dtype=torch.uint8, device=device) for _ in range(world)]
     dist.all_gather(gathered, local, group=group)
-    out = [bytes(t[:s].cpu().numpy().tobytes()) for t, s in zip(gathered, sizes)]
+    out = [bytes(t[:s].cpu().numpy().tobytes()) for t, s in zip(gathered, sizes, strict=True)]
     return out, max_len + 8
 
 
@@ -973,7 +975,7 @@ def adacomp_hook(state: AdaCompState, bucket: dist.GradBucket) -> torch.futures.
     if state.step < state.config.warmup_steps:
         # plain all-reduce; counted as dense bytes
         params, layout = _bucket_layout(bucket)
-        for p, n in zip(params, layout):
+        for p, n in zip(params, layout, strict=True):
             record.by_type[layer_type_of(p)].add(LayerBytes(dense_bytes=4 * n, wire_bytes=4 * n, numel=n, sent=n))
         record.payload_bytes += 4 * buf.numel()
         record.gathered_bytes += 4 * buf.numel()

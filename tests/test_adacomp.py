@@ -218,7 +218,8 @@ def test_conservation_nothing_is_lost(n: int, bin_len: int, steps: int, seed: in
         msg = comp.compress(grad, residue, bin_len)
         sent = comp.decompress(msg)
         # one step: sent + new residue == old residue + gradient (float32 rounding)
-        torch.testing.assert_close(sent + residue, before + grad, rtol=0, atol=1e-5 * float(before.abs().max() + grad.abs().max()))
+        tol = 1e-5 * float(before.abs().max() + grad.abs().max())
+        torch.testing.assert_close(sent + residue, before + grad, rtol=0, atol=tol)
         # sent values are +-scale on the selected entries only
         nz = torch.nonzero(sent).squeeze(1).numpy()
         assert set(nz.tolist()) <= set(msg.indices.tolist())
@@ -488,7 +489,7 @@ def test_state_dict_round_trip() -> None:
     params = _fake_model_params()
     gen = torch.Generator().manual_seed(5)
     state = AdaCompState(AdaCompConfig(warmup_steps=0))
-    for step in range(3):
+    for _ in range(3):
         bucket = FakeBucket(params, [torch.randn(p.shape, generator=gen) for p in params])
         _local_payload(state, bucket)
         state.step += 1
@@ -532,12 +533,14 @@ def test_layout_change_resets_residue_with_warning() -> None:
 # 2-process gloo DDP
 # --------------------------------------------------------------------------
 
-DDP_STEPS = 400
-# Tolerance: on this task (400 steps, SGD lr 0.2, batch 32/worker) plain DDP
-# reaches MSE ~0.0075 from an initial ~0.5; an offline 2-worker simulation of
-# AdaComp lands within -4%..-2% of it over several batch seeds. We allow AdaComp
-# to be at most 10% worse. Dropping error feedback (zeroing the residue after
-# each step) ends ~3.7x higher (0.027), so the bound has teeth.
+DDP_STEPS = 250
+DDP_LR = 0.25
+# Tolerance: on this task (250 steps, SGD lr 0.25, batch 32/worker) plain DDP
+# reaches MSE ~0.008 from an initial ~0.5; an offline 2-worker simulation of
+# AdaComp (which reproduces this DDP run exactly) lands 7-8% *below* plain over
+# three batch seeds. We allow AdaComp to be at most 10% worse. Dropping error
+# feedback (zeroing the residue after each step) ends at 0.038, 4.4x higher, so
+# the bound has teeth.
 DDP_REL_TOL = 0.10
 
 
@@ -561,7 +564,7 @@ def _ddp_train(rank: int, world: int, use_hook: bool) -> tuple[float, torch.Tens
     )
     model = DDP(net)
     state = register_adacomp(model, AdaCompConfig()) if use_hook else None
-    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    opt = torch.optim.SGD(model.parameters(), lr=DDP_LR)
     xr, yr = x[rank::world], y[rank::world]
     gen = torch.Generator().manual_seed(1000 + rank)
     for _ in range(DDP_STEPS):
