@@ -4,6 +4,8 @@
 - representations: lossless (raw / zstd / byte planes), quantized (+ entropy coding)
 - archives: :func:`pack`, :func:`load_state_dict`, :func:`unpack`, :func:`describe`
 - recipes and presets: :class:`Recipe`
+- low-rank factors with joint rank selection (BSR): :func:`plan_lowrank`, :func:`stable_rank_penalty`
+- shared dictionaries with sparse codes (DirNet): :func:`plan_dictionary`, :class:`DictionaryLinear`
 - AdaComp residual gradient compression as a DDP communication hook: :func:`register_adacomp`
 - product-quantized embeddings, task-aware: :class:`CodebookEmbedding`, :func:`finetune_codebooks`
 """
@@ -23,7 +25,9 @@ from .adacomp import (
 )
 from .archive import LoadReport, PackReport, TensorReport, describe, iter_tensors, load_into, load_state_dict, pack, unpack
 from .checkpoint import TensorSource, open_checkpoint
+from .dictionary import DictionaryLinear, encode_dictionary, encode_dictionary_group, plan_dictionary
 from .embedding import CodebookEmbedding, encode_codebook, finetune_codebooks, packable_state_dict, product_quantize
+from .lowrank import LowRankConv2d, LowRankLinear, plan_lowrank, select_ranks, stable_rank_penalty
 from .recipe import PRESETS, Recipe, Rule
 
 __all__ = [
@@ -46,6 +50,15 @@ __all__ = [
     "finetune_codebooks",
     "packable_state_dict",
     "product_quantize",
+    "DictionaryLinear",
+    "encode_dictionary",
+    "encode_dictionary_group",
+    "plan_dictionary",
+    "LowRankLinear",
+    "LowRankConv2d",
+    "plan_lowrank",
+    "select_ranks",
+    "stable_rank_penalty",
     "LAYER_TYPES",
     "AdaCompCompressor",
     "AdaCompConfig",

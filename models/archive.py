@@ -104,8 +104,14 @@ def _encode(name: str, tensor: torch.Tensor, recipe: Recipe) -> Encoded:
 
 def pack(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | TensorSource, output: str | os.PathLike[str], *,
          recipe: Recipe | str = "lossless", metadata: Mapping[str, Any] | None = None,
-         workers: int = 2, progress: Progress | None = None) -> PackReport:
-    """Pack a checkpoint (path, state dict or TensorSource) into ``output``."""
+         workers: int = 2, progress: Progress | None = None,
+         pre_encoded: Mapping[str, Encoded] | None = None) -> PackReport:
+    """Pack a checkpoint (path, state dict or TensorSource) into ``output``.
+
+    ``pre_encoded`` maps tensor names to encodings made elsewhere (e.g. a
+    dictionary group from ``plan_dictionary``); those skip the recipe and are
+    written as they are, in checkpoint order."""
+    pre_encoded = dict(pre_encoded or {})
     if isinstance(recipe, str):
         recipe = Recipe.preset(recipe)
     if isinstance(source, Mapping):
@@ -120,6 +126,9 @@ def pack(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | TensorSou
     for name in names:
         if "#" in name:
             raise InputError(f"tensor name {name!r} contains '#', which ncz reserves for parts")
+    unknown = set(pre_encoded) - set(names)
+    if unknown:
+        raise UsageError(f"pre_encoded names {sorted(unknown)[:3]} are not tensors of the checkpoint")
     header = {"format": ARCHIVE_TAG, "tensors": len(names), "source": source_name, "recipe": recipe.name}
     header.update(metadata or {})
     reports: list[TensorReport] = []
@@ -142,8 +151,12 @@ def pack(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | TensorSou
                     progress(len(reports), len(names), name)
 
         for name in names:
-            tensor = load(name)
-            pending.append((name, pool.submit(_encode, name, tensor, recipe)))
+            if name in pre_encoded:
+                done: Future = Future()
+                done.set_result(pre_encoded[name])
+                pending.append((name, done))
+            else:
+                pending.append((name, pool.submit(_encode, name, load(name), recipe)))
             drain(max(1, workers))
         drain(0)
     return PackReport(Path(output), os.path.getsize(output), reports)
@@ -205,6 +218,9 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, factorize
     own = dict(model.state_dict())
     dense, swapped, seen = [], [], set()
     with open_archive(path) as reader:
+        factorizable = []
+        # Dense tensors first (biases included), so a builder that keeps the
+        # owning module's bias sees the archive's value, not the fresh one.
         for head in _heads(reader):
             name = head.name
             if name not in own:
@@ -215,12 +231,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, factorize
             owner_name, _, leaf = name.rpartition(".")
             builder = module_builder_for(head.kind) if factorized and leaf == "weight" else None
             if builder is not None:
-                owner = model.get_submodule(owner_name) if owner_name else model
-                replacement = builder(head, reader, owner)
-                parent_name, _, child = owner_name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, child, replacement)
-                swapped.append(owner_name)
+                factorizable.append((head, owner_name, builder))
                 continue
             tensor = decoder_for(head.kind)(head, reader)
             target = own[name]
@@ -229,6 +240,13 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, factorize
             with torch.no_grad():
                 target.copy_(tensor.to(target.dtype))
             dense.append(name)
+        for head, owner_name, builder in factorizable:
+            owner = model.get_submodule(owner_name) if owner_name else model
+            replacement = builder(head, reader, owner)
+            parent_name, _, child = owner_name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, replacement)
+            swapped.append(owner_name)
     missing = [n for n in own if n not in seen and not any(n.startswith(m + ".") for m in swapped)]
     if strict and missing:
         raise InputError(f"{path}: archive lacks {len(missing)} tensors of the model, e.g. {missing[:3]}")
