@@ -15,7 +15,42 @@ EXPECTED = {
         "entropy", "Coder", "ModelId", "Family", "FrequencyTable", "ParametricGrid", "CategoricalModel",
         "ConditionalModel", "BitsBackStack",
     },
+    "ncz.models": {
+        "AdaCompCompressor", "AdaCompConfig", "AdaCompState", "AdaCompWireError", "CodebookEmbedding",
+        "DictionaryLinear", "LAYER_TYPES", "LoadReport", "LowRankConv2d", "LowRankLinear", "PRESETS", "PackReport",
+        "Recipe", "Rule", "SparseMessage", "StepStats", "TensorReport", "TensorSource", "adacomp_hook",
+        "decode_message", "describe", "encode_codebook", "encode_dictionary", "encode_dictionary_group",
+        "encode_message", "finetune_codebooks", "iter_tensors", "load_into", "load_state_dict", "open_checkpoint",
+        "pack", "packable_state_dict", "plan_dictionary", "plan_lowrank", "product_quantize", "register_adacomp",
+        "select_ranks", "stable_rank_penalty", "unpack",
+    },
+    "ncz.codec": {
+        "CodecConfig", "CodecRuntime", "HyperpriorCodec", "Pixels", "choose_quality", "decode_section",
+        "default_weights_path", "encode_pixels", "export_codec", "load_codec", "read_image", "write_image",
+        "write_image_section",
+    },
 }
+
+
+def test_layers_import_one_way():
+    """format imports nothing of ours; models never imports codec; codec reaches models only for weights."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    forbidden = {"format": ("ncz.codec", "ncz.models", "ncz.tools"), "models": ("ncz.codec", "ncz.tools"),
+                 "codec": ("ncz.tools",), "tools": ()}
+    third_party = ("constriction", "zstandard", "msgpack")
+    for folder, banned in forbidden.items():
+        for path in (root / folder).glob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+                for name in names:
+                    assert not name.startswith(banned), f"{path.name} imports {name}"
+                    if folder != "format":
+                        assert not name.startswith(third_party), f"{path.name} imports {name} (only ncz.format may)"
 
 
 @pytest.mark.parametrize("module", sorted(EXPECTED))
