@@ -1,0 +1,760 @@
+"""Rate-distortion benchmark of the ncz image codec against JPEG, WebP, AVIF and JPEG XL on Kodak.
+
+For every codec and quality setting, every image is encoded to a real file and
+decoded back, and the benchmark records, averaged over the images:
+
+* ``bpp``: bits per pixel from the WHOLE file size (ncz: a complete ``.ncz``
+  written with :class:`ncz.format.Writer` + :func:`ncz.codec.write_image_section`,
+  container header and section table included; others: the bytes Pillow writes);
+* ``psnr``: PSNR on 8-bit RGB (MSE over the three channels), mean of the
+  per-image PSNRs; ``psnr_of_mean_mse``: PSNR of the mean MSE;
+* ``ms_ssim``: 5-scale MS-SSIM (Wang, Simoncelli & Bovik 2003) on RGB, see
+  :func:`ms_ssim`; ``ms_ssim_db`` = -10·log10(1 - MS-SSIM);
+* ``enc_s`` / ``dec_s``: wall seconds per image (encode: pixels in memory ->
+  file on disk; decode: file on disk -> pixels in memory), and ``enc_cpu_s`` /
+  ``dec_cpu_s``: CPU seconds of this process for the same work (all threads),
+  which is less sensitive to other load on the machine.
+
+Codecs and settings (recorded in the JSON under each codec's ``effort``):
+
+* ``ncz``: the codec's quality levels (default: every integer level of the model);
+* ``jpeg``: Pillow / libjpeg-turbo, 4:2:0, optimized Huffman tables;
+* ``webp``: Pillow / libwebp, method 4 (the default), 4:2:0 (lossy VP8);
+* ``avif``: Pillow's native AVIF (libavif + aom), speed 4, 4:4:4 (avifenc's
+  default for RGB input), full range;
+* ``jxl``: ``pillow-jxl-plugin`` (libjxl), effort 7 (the default).
+
+Every codec runs with ``--threads`` threads (default 2): torch for ncz, aom /
+libjxl threads for AVIF / JPEG XL (JPEG and WebP are single-threaded).
+
+BD-rate (Bjøntegaard 2001, VCEG-M33) of ncz against each other codec: log10(rate)
+is interpolated as a function of PSNR with a monotone piecewise-cubic (PCHIP,
+as in the common reference implementations) -- and, for comparison, the
+original cubic-polynomial fit -- integrated over the overlapping PSNR interval
+only, and the mean difference turned into a percentage (negative = ncz needs
+fewer bits for the same PSNR). When the PSNR ranges overlap little the number
+is flagged (``overlap_db`` / ``note``).
+
+Usage (from the repository root)::
+
+    python bench/rd.py --data ../shared/data/kodak                  # full run, shipped weights
+    python bench/rd.py --data ../shared/data/kodak --images 4 --qualities 0 2 4 --model W.ncz
+    python bench/rd.py --data ../shared/data/kodak --markdown docs/RESULTS.md
+    python bench/rd.py --from-json bench/results/rd_kodak.json --markdown docs/RESULTS.md  # re-render only
+    python bench/rd.py --selftest                                    # MS-SSIM / BD-rate checks
+
+Writes ``bench/results/rd_kodak.json`` and ``bench/results/rd_kodak.png`` and
+prints the JSON to stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_JSON = REPO / "bench" / "results" / "rd_kodak.json"
+DEFAULT_PLOT = REPO / "bench" / "results" / "rd_kodak.png"
+
+# Quality sweeps chosen to span ~0.1-2 bpp on Kodak (and a little beyond).
+SWEEPS: dict[str, list[int]] = {
+# (measured on 4 images: jpeg 0.12-2.2, webp 0.08-1.8, avif 0.09-1.6, jxl 0.16-1.9 bpp).
+    "jpeg": [5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 90],
+    "webp": [0, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90],
+    "avif": [10, 20, 30, 40, 50, 60, 70, 80],
+    "jxl": [5, 10, 20, 30, 40, 50, 60, 70, 80, 90],
+}
+OTHER_CODECS = ("jpeg", "webp", "avif", "jxl")
+AVIF_SPEED = 4
+AVIF_SUBSAMPLING = "4:4:4"
+JXL_EFFORT = 7
+WEBP_METHOD = 4
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, Table / eq. (7)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(coords ** 2) / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def _ssim_components(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor, data_range: float,
+                     k1: float = 0.01, k2: float = 0.03) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean SSIM and mean contrast-structure term per channel; x, y: (1, C, H, W) float64.
+
+    Gaussian-weighted local statistics (separable window, 'valid' filtering, no
+    padding), population (biased) variances, as in Wang's reference code.
+    """
+    c = x.shape[1]
+    kh = window.view(1, 1, 1, -1).expand(c, 1, 1, -1)
+    kv = window.view(1, 1, -1, 1).expand(c, 1, -1, 1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(t, kh, groups=c), kv, groups=c)
+
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    sxx = blur(x * x) - mu_x ** 2
+    syy = blur(y * y) - mu_y ** 2
+    sxy = blur(x * y) - mu_x * mu_y
+    cs_map = (2 * sxy + c2) / (sxx + syy + c2)
+    ssim_map = (2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1) * cs_map
+    return ssim_map.mean(dim=(0, 2, 3)), cs_map.mean(dim=(0, 2, 3))
+
+
+def ms_ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, dtype: torch.dtype = torch.float32) -> float:
+    """5-scale MS-SSIM (Wang, Simoncelli & Bovik 2003) of two (H, W, C) images.
+
+    Standard parameters: Gaussian window 11x11, σ = 1.5, K1 = 0.01, K2 = 0.03,
+    weights (0.0448, 0.2856, 0.3001, 0.2363, 0.1333), 2x2 average-pool
+    downsampling between scales; contrast-structure at scales 1-4, full SSIM at
+    scale 5. Computed per channel (negative terms clamped to 0 as in
+    pytorch-msssim / TF) and averaged over the channels (RGB).
+
+    The local statistics run in ``dtype`` on data scaled to [0, 1] (float32 by
+    default: 4x faster than float64 on CPU and within ~2e-7 of it on Kodak,
+    see :func:`selftest`); the final product is float64.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
+    levels = len(MS_SSIM_WEIGHTS)
+    if min(a.shape[:2]) < (11 - 1) * 2 ** (levels - 1) + 1:
+        raise ValueError(f"image {a.shape[1]}x{a.shape[0]} too small for {levels}-scale MS-SSIM (needs >= 161 px)")
+    x = torch.from_numpy(np.array(a, dtype=np.float64) / data_range).permute(2, 0, 1)[None].to(dtype)
+    y = torch.from_numpy(np.array(b, dtype=np.float64) / data_range).permute(2, 0, 1)[None].to(dtype)
+    window = _gaussian_window().to(dtype)
+    weights = torch.tensor(MS_SSIM_WEIGHTS, dtype=torch.float64)
+    terms = []
+    for level in range(levels):
+        ssim_c, cs_c = _ssim_components(x, y, window, 1.0)
+        if level < levels - 1:
+            terms.append(torch.relu(cs_c).double())
+            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)  # floor on odd sizes, like pytorch-msssim / TF
+        else:
+            terms.append(torch.relu(ssim_c).double())
+    stacked = torch.stack(terms)  # (levels, C)
+    per_channel = torch.prod(stacked ** weights[:, None], dim=0)
+    return float(per_channel.mean())
+
+
+def mse_rgb(a: np.ndarray, b: np.ndarray) -> float:
+    d = a.astype(np.float64) - b.astype(np.float64)
+    return float(np.mean(d * d))
+
+
+def psnr_from_mse(mse: float, peak: float = 255.0) -> float:
+    return float("inf") if mse == 0 else 10.0 * math.log10(peak * peak / mse)
+
+
+# --------------------------------------------------------------------------
+# BD-rate
+# --------------------------------------------------------------------------
+
+
+def _monotone_curve(rate: list[float], psnr: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Points sorted by PSNR, keeping only those that raise both rate and PSNR (an RD curve)."""
+    pts = sorted((p, r) for r, p in zip(rate, psnr) if r > 0 and math.isfinite(p))
+    keep: list[tuple[float, float]] = []
+    for p, r in pts:
+        if keep and (p <= keep[-1][0] + 1e-9 or r <= keep[-1][1]):
+            continue
+        keep.append((p, r))
+    return np.array([p for p, _ in keep]), np.log10(np.array([r for _, r in keep]))
+
+
+def bd_rate(rate_ref: list[float], psnr_ref: list[float], rate_test: list[float], psnr_test: list[float],
+            method: str = "pchip") -> dict[str, Any]:
+    """Bjøntegaard delta rate of ``test`` against ``ref`` in percent (negative: test saves bits).
+
+    ``method``: ``"pchip"`` (monotone piecewise cubic in log10 rate vs PSNR,
+    integrated exactly) or ``"cubic"`` (VCEG-M33's 3rd-order polynomial fit).
+    """
+    from scipy.interpolate import PchipInterpolator
+
+    p1, l1 = _monotone_curve(rate_ref, psnr_ref)
+    p2, l2 = _monotone_curve(rate_test, psnr_test)
+    out: dict[str, Any] = {"method": method, "points_ref": int(p1.size), "points_test": int(p2.size),
+                           "psnr_range_ref": [float(p1.min()), float(p1.max())] if p1.size else None,
+                           "psnr_range_test": [float(p2.min()), float(p2.max())] if p2.size else None}
+    need = 2 if method == "pchip" else 4
+    if p1.size < need or p2.size < need:
+        out.update(bd_rate=None, note=f"need >= {need} monotone RD points per curve")
+        return out
+    lo, hi = max(p1.min(), p2.min()), min(p1.max(), p2.max())
+    out["overlap_psnr"] = [float(lo), float(hi)] if hi > lo else None
+    out["overlap_db"] = float(max(hi - lo, 0.0))
+    if hi <= lo:
+        out.update(bd_rate=None, note=f"PSNR ranges do not overlap (gap {lo - hi:.2f} dB)")
+        return out
+    if method == "pchip":
+        int1 = PchipInterpolator(p1, l1).integrate(lo, hi)
+        int2 = PchipInterpolator(p2, l2).integrate(lo, hi)
+    else:
+        poly1, poly2 = np.polyint(np.polyfit(p1, l1, 3)), np.polyint(np.polyfit(p2, l2, 3))
+        int1 = np.polyval(poly1, hi) - np.polyval(poly1, lo)
+        int2 = np.polyval(poly2, hi) - np.polyval(poly2, lo)
+    avg_diff = (int2 - int1) / (hi - lo)
+    out["bd_rate"] = float((10.0 ** avg_diff - 1.0) * 100.0)
+    frac = out["overlap_db"] / min(p1.max() - p1.min(), p2.max() - p2.min())
+    out["overlap_fraction_of_shorter"] = float(frac)
+    if out["overlap_db"] < 1.0 or frac < 0.3:
+        out["note"] = (f"ranges barely overlap ({out['overlap_db']:.2f} dB, {100 * frac:.0f}% of the shorter curve): "
+                       "the number describes only that sliver")
+    return out
+
+
+# --------------------------------------------------------------------------
+# codecs
+# --------------------------------------------------------------------------
+
+
+class Measure:
+    """Wall and CPU time of a block."""
+
+    def __enter__(self) -> Measure:
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.wall0
+        self.cpu = time.process_time() - self.cpu0
+
+
+def _pil_codec(name: str, threads: int) -> tuple[Callable[[np.ndarray, int], bytes], Callable[[bytes], np.ndarray], str, str]:
+    """(encode(rgb, q) -> bytes, decode(bytes) -> rgb, effort description, library version)."""
+    from PIL import Image
+    from PIL import features as pil_features
+
+    def decode(data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
+
+    def saver(fmt: str, **opts: Any) -> Callable[[np.ndarray, int], bytes]:
+        def encode(rgb: np.ndarray, q: int) -> bytes:
+            buf = io.BytesIO()
+            Image.fromarray(rgb, "RGB").save(buf, format=fmt, quality=int(q), **opts)
+            return buf.getvalue()
+        return encode
+
+    if name == "jpeg":
+        version = f"libjpeg-turbo {pil_features.version('libjpeg_turbo')}" if pil_features.check("libjpeg_turbo") \
+            else f"libjpeg {pil_features.version('jpg')}"
+        return saver("JPEG", subsampling="4:2:0", optimize=True), decode, \
+            "Pillow JPEG, 4:2:0, optimize=True (Huffman tables), baseline", version
+    if name == "webp":
+        return saver("WEBP", method=WEBP_METHOD), decode, f"method {WEBP_METHOD} (default), lossy, 4:2:0", \
+            f"libwebp {pil_features.version('webp')}"
+    if name == "avif":
+        if not pil_features.check("avif"):
+            try:
+                import pillow_avif  # noqa: F401  (registers the plugin)
+            except ImportError as exc:
+                raise RuntimeError("AVIF needs Pillow >= 11.3 built with libavif, or `pip install pillow-avif-plugin`") from exc
+        from PIL import _avif  # type: ignore[attr-defined]
+
+        versions = _avif.codec_versions() if hasattr(_avif, "codec_versions") else ""
+        return saver("AVIF", speed=AVIF_SPEED, subsampling=AVIF_SUBSAMPLING, range="full", max_threads=threads), \
+            decode, f"speed {AVIF_SPEED}, {AVIF_SUBSAMPLING}, full range, max_threads {threads}", \
+            f"libavif {pil_features.version('avif')} ({versions})"
+    if name == "jxl":
+        try:
+            import pillow_jxl  # noqa: F401  (registers the plugin)
+            from pillow_jxl import JpegXLImagePlugin
+        except ImportError as exc:
+            raise RuntimeError("JPEG XL needs `pip install pillow-jxl-plugin`") from exc
+        JpegXLImagePlugin.DECODE_THREADS = threads
+        return saver("JXL", effort=JXL_EFFORT, num_threads=threads), decode, \
+            f"effort {JXL_EFFORT} (default), lossy (VarDCT, XYB), bare codestream, num_threads {threads}", _jxl_version()
+    raise ValueError(name)
+
+
+def _jxl_version() -> str:
+    from importlib.metadata import version
+
+    text = f"pillow-jxl-plugin {version('pillow-jxl-plugin')}"
+    try:  # the plugin bundles libjxl through the jpegxl-rs crate; its build string names the libjxl version
+        import pillow_jxl
+
+        so = next(Path(pillow_jxl.__file__).parent.glob("pillow_jxl*.so"))
+        m = re.search(rb"jpegxl-rs-[0-9.]+\+libjxl-[0-9.]+", so.read_bytes())
+        if m:
+            text += f" ({m.group().decode()})"
+    except (StopIteration, OSError):
+        pass
+    return text
+
+
+def _lib_version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _new_entry(effort: str, version: str) -> dict[str, Any]:
+    return {"effort": effort, "version": version, "quality": [], "bpp": [], "psnr": [], "psnr_of_mean_mse": [],
+            "ms_ssim": [], "ms_ssim_db": [], "enc_s": [], "dec_s": [], "enc_cpu_s": [], "dec_cpu_s": [],
+            "per_image": []}
+
+
+def _append(entry: dict[str, Any], quality: float, rows: list[dict[str, float]]) -> None:
+    mean = lambda key: float(np.mean([r[key] for r in rows]))
+    mses = [r["mse"] for r in rows]
+    entry["quality"].append(quality)
+    entry["bpp"].append(mean("bpp"))
+    entry["psnr"].append(mean("psnr"))
+    entry["psnr_of_mean_mse"].append(psnr_from_mse(float(np.mean(mses))))
+    entry["ms_ssim"].append(mean("ms_ssim"))
+    entry["ms_ssim_db"].append(-10.0 * math.log10(max(1.0 - entry["ms_ssim"][-1], 1e-12)))
+    for key in ("enc_s", "dec_s", "enc_cpu_s", "dec_cpu_s"):
+        entry[key].append(mean(key))
+    entry["per_image"].append({k: [round(r[k], 6) for r in rows] for k in ("bpp", "psnr", "ms_ssim", "enc_s", "dec_s")})
+
+
+def _row(original: np.ndarray, decoded: np.ndarray, nbytes: int, enc: Measure, dec: Measure) -> dict[str, float]:
+    if decoded.shape != original.shape:
+        raise RuntimeError(f"decoded shape {decoded.shape} != original {original.shape}")
+    mse = mse_rgb(original, decoded)
+    h, w = original.shape[:2]
+    return {"bpp": 8.0 * nbytes / (h * w), "mse": mse, "psnr": psnr_from_mse(mse), "ms_ssim": ms_ssim(original, decoded),
+            "enc_s": enc.wall, "dec_s": dec.wall, "enc_cpu_s": enc.cpu, "dec_cpu_s": dec.cpu}
+
+
+def export_checkpoint(checkpoint: Path, output: Path, calibration_dir: Path, crops: int = 2) -> Path:
+    """Export a training checkpoint (``codec/train.py`` format) to a weights file for benchmarking.
+
+    Uses ``ncz.tools.export_codec`` when present (the project's exporter);
+    otherwise calibrates the integer hyper-synthesis on ``crops`` 256x256
+    centre crops of the first training images (never Kodak).
+    """
+    try:
+        from ncz.tools.export_codec import main as export_main
+    except ImportError:
+        export_main = None
+    if export_main is not None:
+        log(f"rd: exporting {checkpoint} with ncz.tools.export_codec")
+        if export_main([str(checkpoint), "-o", str(output), "--calibration", str(calibration_dir),
+                        "--images", str(crops)]) != 0:
+            raise SystemExit(f"{checkpoint}: export failed")
+        return output
+    from ncz.codec import CodecConfig, HyperpriorCodec, export_codec
+    from PIL import Image
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    net = HyperpriorCodec(CodecConfig.from_dict(state["model_config"]))
+    net.load_state_dict(state["model"])
+    files = sorted(f for f in calibration_dir.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))[:crops]
+    calibration = []
+    for f in files:
+        with Image.open(f) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        h, w = rgb.shape[:2]
+        top, left = max((h - 256) // 2, 0), max((w - 256) // 2, 0)
+        crop = rgb[top:top + 256, left:left + 256]
+        if crop.shape[:2] == (256, 256):
+            calibration.append(torch.from_numpy(crop.copy()).permute(2, 0, 1).float().div(255.0)[None])
+    if not calibration:
+        raise SystemExit(f"no 256x256 calibration crops in {calibration_dir}")
+    log(f"rd: exporting {checkpoint} (step {state.get('step')}) to {output}")
+    return export_codec(net.eval(), output, calibration, step=state.get("step"))
+
+
+def run_ncz(images: list[tuple[str, np.ndarray]], model: Path, qualities: list[float] | None,
+            workdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from ncz.codec import decode_section, load_codec, write_image_section
+    from ncz.codec.imageio import Pixels
+    from ncz.format import Writer
+    from ncz.format import open as open_archive
+
+    with Measure() as load_t:
+        runtime = load_codec(model)
+    levels = runtime.config.num_levels
+    if qualities is None:
+        qualities = list(range(levels))
+    with open_archive(model) as reader:
+        meta = dict(reader.metadata)
+    resolved = model.resolve()
+    model_info = {"path": str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(resolved),
+                  "model_id": runtime.model_id, "train_steps": meta.get("train_steps"),
+                  "sha256": runtime.weights_hash, "file_bytes": model.stat().st_size, "levels": levels,
+                  "lambdas": list(runtime.config.lambdas), "load_s": round(load_t.wall, 3)}
+    entry = _new_entry(f"model {runtime.model_id}, quality levels 0..{levels - 1} (fractional = gain interpolation), "
+                       f"torch threads {torch.get_num_threads()}, tile {__import__('ncz.codec.image', fromlist=['TILE']).TILE}",
+                       f"ncz {_lib_version('ncz')}, torch {torch.__version__}")
+
+    # warm-up (not timed): first convolutions allocate and pick kernels
+    warm = Pixels(images[0][1][:128, :128].copy())
+    with Writer(workdir / "warm.ncz", metadata={"format": "ncz-images", "images": 1}) as writer:
+        write_image_section(writer, "image", runtime, warm, float(qualities[0]))
+    with open_archive(workdir / "warm.ncz") as reader:
+        decode_section(reader, "image", runtime)
+
+    for q in qualities:
+        rows = []
+        for name, rgb in images:
+            path = workdir / f"{name}.ncz"
+            pixels = Pixels(rgb)
+            with Measure() as enc, Writer(path, metadata={"format": "ncz-images", "images": 1}) as writer:
+                write_image_section(writer, name, runtime, pixels, float(q))
+            nbytes = path.stat().st_size
+            with Measure() as dec, open_archive(path) as reader:
+                out = decode_section(reader, name, runtime).rgb
+            rows.append(_row(rgb, out, nbytes, enc, dec))
+            path.unlink()
+        _append(entry, float(q), rows)
+        log(f"  ncz q={q:g}: {entry['bpp'][-1]:.4f} bpp, {entry['psnr'][-1]:.2f} dB, MS-SSIM {entry['ms_ssim'][-1]:.4f}, "
+            f"enc {entry['enc_s'][-1]:.2f} s, dec {entry['dec_s'][-1]:.2f} s")
+    return entry, model_info
+
+
+def run_pil(name: str, images: list[tuple[str, np.ndarray]], qualities: list[int], threads: int) -> dict[str, Any]:
+    encode, decode, effort, version = _pil_codec(name, threads)
+    entry = _new_entry(effort, version)
+    encode(images[0][1][:64, :64].copy(), qualities[0])  # warm-up
+    for q in qualities:
+        rows = []
+        for _, rgb in images:
+            with Measure() as enc:
+                data = encode(rgb, q)
+            with Measure() as dec:
+                out = decode(data)
+            rows.append(_row(rgb, out, len(data), enc, dec))
+        _append(entry, q, rows)
+        log(f"  {name} q={q}: {entry['bpp'][-1]:.4f} bpp, {entry['psnr'][-1]:.2f} dB, "
+            f"MS-SSIM {entry['ms_ssim'][-1]:.4f}, enc {entry['enc_s'][-1]:.3f} s, dec {entry['dec_s'][-1]:.3f} s")
+    return entry
+
+
+# --------------------------------------------------------------------------
+# machine, plot, markdown
+# --------------------------------------------------------------------------
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads,
+                            "python": platform.python_version(), "platform": platform.platform(),
+                            "torch": torch.__version__, "numpy": np.__version__, "pillow": _lib_version("pillow")}
+    try:
+        info["mem_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return info
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    styles = {"ncz": ("C3", "o", 2.4), "jpeg": ("C7", "s", 1.2), "webp": ("C2", "^", 1.2), "avif": ("C0", "D", 1.2),
+              "jxl": ("C1", "v", 1.2)}
+    for name, entry in result["codecs"].items():
+        color, marker, lw = styles.get(name, (None, ".", 1.2))
+        label = f"{name} ({entry['effort'].split(',')[0]})" if name != "ncz" else "ncz"
+        axes[0].plot(entry["bpp"], entry["psnr"], marker=marker, color=color, lw=lw, ms=4, label=label)
+        axes[1].plot(entry["bpp"], entry["ms_ssim_db"], marker=marker, color=color, lw=lw, ms=4, label=label)
+    n = result["images"]
+    axes[0].set(xlabel="bits per pixel (whole file)", ylabel="PSNR-RGB (dB, mean over images)",
+                title=f"Kodak, {n} image{'s' if n != 1 else ''}: PSNR")
+    axes[1].set(xlabel="bits per pixel (whole file)", ylabel="MS-SSIM (dB) = -10 log10(1 - MS-SSIM)",
+                title=f"Kodak, {n} image{'s' if n != 1 else ''}: MS-SSIM")
+    for ax in axes:
+        ax.set_xlim(0, 2.2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    model = result.get("model", {})
+    fig.suptitle(f"ncz model {model.get('model_id')} ({model.get('train_steps')} train steps, "
+                 f"sha256 {str(model.get('sha256'))[:12]}…)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(v: Any, digits: int) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _model_lines(model: dict[str, Any] | None) -> list[str]:
+    if not model:
+        return ["- ncz was not part of this run"]
+    where = (f"training checkpoint `{model['path']}`, exported to weights for this run"
+             if model.get("exported_from_checkpoint") else f"weights: `{model['path']}`")
+    steps = model.get("train_steps")
+    return [f"- {where} ({model['file_bytes']:,} bytes, sha256 `{model['sha256'][:16]}…`)",
+            f"- model id: `{model['model_id']}`; train steps: **{steps if steps is not None else 'not recorded'}** "
+            "(from the weights header metadata)",
+            f"- quality levels: {model['levels']} (λ = {', '.join(f'{v:g}' for v in model['lambdas'])})"]
+
+
+def markdown(result: dict[str, Any], plot_path: Path, md_path: Path) -> str:
+    machine = result["machine"]
+    model = result.get("model")
+    rel_plot = os.path.relpath(plot_path, md_path.parent)
+    lines = ["# Rate-distortion results (Kodak)", "",
+             "<!-- generated by bench/rd.py; do not edit by hand -->", "",
+             f"Regenerate: `{result['command']}`", "",
+             *([f"This is a reduced run. The full benchmark (all Kodak images, every quality level, shipped weights): "
+                f"`python bench/rd.py --data {result.get('dataset', '../shared/data/kodak')} --markdown docs/RESULTS.md`", ""]
+               if result["images"] < 24 else []),
+             f"Generated {result['date']} in {result['runtime_s']:.0f} s; "
+             f"{result['images']} Kodak image{'s' if result['images'] != 1 else ''} "
+             f"({', '.join(result['image_names'])}).", "",
+             "## Model", "", *_model_lines(model), "",
+             "## Machine", "",
+             f"- {machine['cpu']}, {machine['logical_cpus']} logical CPUs, {machine.get('mem_gib', '?')} GiB; "
+             f"{machine['threads']} threads per codec",
+             f"- Python {machine['python']}, torch {machine['torch']}, Pillow {machine['pillow']}; {machine['platform']}",
+             f"- load average at start / end: {result.get('loadavg_start')} / {result.get('loadavg_end')} "
+             "(times are wall seconds per image and grow with other load on the machine; CPU seconds are in the JSON)",
+             "", "## BD-rate of ncz (PSNR-RGB, PCHIP in log-rate, overlapping PSNR range only)", "",
+             "Negative = ncz needs fewer bits than the other codec for the same PSNR.", "",
+             "| vs | BD-rate (PCHIP) | BD-rate (cubic) | overlap (dB) | note |", "| --- | ---: | ---: | --- | --- |"]
+    for name, bd in result["bd_rate_vs"].items():
+        detail = result["bd_rate_detail"][name]
+        cubic = result["bd_rate_detail_cubic"][name].get("bd_rate")
+        ov = detail.get("overlap_psnr")
+        lines.append(f"| {name} | {_fmt(bd, 1)}{'%' if bd is not None else ''} | {_fmt(cubic, 1)}"
+                     f"{'%' if cubic is not None else ''} | "
+                     f"{f'{ov[0]:.2f}–{ov[1]:.2f}' if ov else 'none'} | {detail.get('note', '')} |")
+    lines += ["", f"![RD curves]({rel_plot})", "", "## Codecs and settings", ""]
+    for name, entry in result["codecs"].items():
+        lines.append(f"- **{name}**: {entry['effort']}; {entry['version']}")
+    lines += ["", "bpp counts the whole file (ncz: the complete `.ncz` container). PSNR is on 8-bit RGB, the mean of "
+              "per-image PSNRs (the JSON also has the PSNR of the mean MSE). MS-SSIM: 5 scales, Gaussian 11/σ 1.5, "
+              "Wang et al. 2003 weights, per RGB channel and averaged. Times: mean seconds per image, wall and CPU (all threads of the process).", ""]
+    for name, entry in result["codecs"].items():
+        lines += [f"### {name}", "",
+                  "| quality | bpp | PSNR (dB) | PSNR of mean MSE | MS-SSIM | enc (s) | dec (s) | enc CPU (s) | dec CPU (s) |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for i, q in enumerate(entry["quality"]):
+            lines.append(f"| {q:g} | {entry['bpp'][i]:.4f} | {entry['psnr'][i]:.2f} | {entry['psnr_of_mean_mse'][i]:.2f} | "
+                         f"{entry['ms_ssim'][i]:.4f} | {entry['enc_s'][i]:.3f} | {entry['dec_s'][i]:.3f} | "
+                         f"{entry['enc_cpu_s'][i]:.3f} | {entry['dec_cpu_s'][i]:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# self-test
+# --------------------------------------------------------------------------
+
+
+def selftest() -> int:
+    rng = np.random.default_rng(0)
+    base = np.clip(rng.normal(128, 40, (256, 320, 3)), 0, 255)
+    # smooth it so it looks a bit more like an image
+    img = torch.from_numpy(base).permute(2, 0, 1)[None]
+    img = F.avg_pool2d(F.pad(img, (2, 2, 2, 2), mode="replicate"), 5, stride=1)[0].permute(1, 2, 0).numpy()
+    img = np.rint(img).astype(np.uint8)
+    v = ms_ssim(img, img)
+    assert abs(v - 1.0) < 1e-12, v
+    last = 1.0
+    for sigma in (1, 2, 5, 10, 20, 40):
+        noisy = np.clip(img + rng.normal(0, sigma, img.shape), 0, 255).astype(np.uint8)
+        s = ms_ssim(img, noisy)
+        assert 0 < s < last, (sigma, s, last)
+        last = s
+    noisy = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+    d = abs(ms_ssim(img, noisy) - ms_ssim(img, noisy, dtype=torch.float64))
+    assert d < 1e-6, d
+    # single-scale SSIM of a constant shift: luminance term only, closed form
+    const = np.full((200, 200, 3), 100.0)
+    ssim_c, cs_c = _ssim_components(torch.from_numpy(const).permute(2, 0, 1)[None],
+                                    torch.from_numpy(const + 10).permute(2, 0, 1)[None], _gaussian_window(), 255.0)
+    c1 = (0.01 * 255) ** 2
+    expected = (2 * 100 * 110 + c1) / (100 ** 2 + 110 ** 2 + c1)
+    assert torch.allclose(ssim_c, torch.full_like(ssim_c, expected)) and torch.allclose(cs_c, torch.ones_like(cs_c))
+    # BD-rate: a curve against itself is 0 %; a curve with every rate ×0.8 is -20 %
+    rate, psnr = [0.2, 0.4, 0.8, 1.6], [28.0, 31.0, 34.0, 37.0]
+    for method in ("pchip", "cubic"):
+        assert abs(bd_rate(rate, psnr, rate, psnr, method)["bd_rate"]) < 1e-9
+        assert abs(bd_rate(rate, psnr, [0.8 * r for r in rate], psnr, method)["bd_rate"] + 20.0) < 1e-6
+    try:  # optional cross-check against an independent implementation
+        from pytorch_msssim import ms_ssim as ref_ms_ssim
+
+        t = lambda a: torch.from_numpy(a.astype(np.float64)).permute(2, 0, 1)[None]
+        ref = float(ref_ms_ssim(t(img), t(noisy), data_range=255.0, size_average=True))
+        ours = ms_ssim(img, noisy, dtype=torch.float64)
+        assert abs(ref - ours) < 1e-6, (ref, ours)
+        log(f"selftest: pytorch-msssim agrees ({ours:.6f} vs {ref:.6f})")
+    except ImportError:
+        log("selftest: pytorch-msssim not installed; skipped the cross-check")
+    log("selftest: OK")
+    return 0
+
+
+# --------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------
+
+
+def compute_bd(result: dict[str, Any]) -> None:
+    """Fill ``bd_rate_vs`` (PCHIP, percent), ``bd_rate_detail`` and ``bd_rate_detail_cubic`` of ncz vs each codec."""
+    result["bd_rate_vs"], result["bd_rate_detail"], result["bd_rate_detail_cubic"] = {}, {}, {}
+    ncz_entry = result["codecs"].get("ncz")
+    if ncz_entry is None:
+        return
+    for name in OTHER_CODECS:
+        if name not in result["codecs"]:
+            continue
+        other = result["codecs"][name]
+        detail = bd_rate(other["bpp"], other["psnr"], ncz_entry["bpp"], ncz_entry["psnr"], "pchip")
+        result["bd_rate_vs"][name] = detail["bd_rate"]
+        result["bd_rate_detail"][name] = detail
+        result["bd_rate_detail_cubic"][name] = bd_rate(other["bpp"], other["psnr"], ncz_entry["bpp"],
+                                                       ncz_entry["psnr"], "cubic")
+
+
+def _command_line(argv: list[str]) -> str:
+    return "python bench/rd.py " + " ".join(a if re.fullmatch(r"[\w./=:+-]+", a) else repr(a) for a in argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python bench/rd.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "kodak"), help="folder of kodim*.png")
+    p.add_argument("--model", default=None, help="codec weights .ncz (default: the shipped weights), or a training "
+                   "checkpoint .pt (runs/codec/latest.pt), exported first with calibration crops from --calibration")
+    p.add_argument("--calibration", default=str(REPO.parent / "shared" / "data" / "train_images"),
+                   help="training images for exporting a .pt checkpoint")
+    p.add_argument("--images", type=int, default=None, help="use only the first N images (sorted by name)")
+    p.add_argument("--qualities", type=float, nargs="+", default=None,
+                   help="ncz quality values (default: every integer level of the model)")
+    p.add_argument("--codecs", nargs="+", default=["ncz", *OTHER_CODECS], choices=["ncz", *OTHER_CODECS])
+    for name in OTHER_CODECS:
+        p.add_argument(f"--{name}-qualities", type=int, nargs="+", default=SWEEPS[name], help=f"{name} quality sweep")
+    p.add_argument("--threads", type=int, default=2, help="threads per codec (torch, aom, libjxl)")
+    p.add_argument("--json", default=str(DEFAULT_JSON), help="output JSON")
+    p.add_argument("--plot", default=str(DEFAULT_PLOT), help="output PNG")
+    p.add_argument("--markdown", default=None, help="also write this Markdown page (e.g. docs/RESULTS.md)")
+    p.add_argument("--from-json", default=None,
+                   help="skip the measurements: recompute BD-rates and re-render --json / --plot / --markdown from this JSON")
+    p.add_argument("--selftest", action="store_true", help="check MS-SSIM and BD-rate, then exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.selftest:
+        return selftest()
+    json_path, plot_path = Path(args.json), Path(args.plot)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        compute_bd(result)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1))
+        plot(result, plot_path)
+        if args.markdown:
+            Path(args.markdown).write_text(markdown(result, plot_path, Path(args.markdown)))
+        return 0
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    load_start = _loadavg()
+    files = sorted(Path(args.data).glob("*.png"))
+    if args.images:
+        files = files[: args.images]
+    if not files:
+        raise SystemExit(f"no PNG images in {args.data}")
+    from PIL import Image
+
+    images = []
+    for f in files:
+        with Image.open(f) as im:
+            images.append((f.stem, np.asarray(im.convert("RGB")).copy()))
+    log(f"rd: {len(images)} images from {args.data}, codecs {' '.join(args.codecs)}, {args.threads} threads")
+
+    result: dict[str, Any] = {"command": _command_line(argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              "images": len(images), "image_names": [n for n, _ in images],
+                              "dataset": os.path.relpath(Path(args.data).resolve(), REPO), "codecs": {}}
+    model_path = Path(args.model) if args.model else None
+    if model_path is None:
+        from ncz.codec import default_weights_path
+
+        model_path = default_weights_path()
+    if "ncz" in args.codecs:
+        if not model_path.exists():
+            raise SystemExit(f"{model_path}: codec weights not found (train and export them, or pass --model)")
+        log("rd: ncz")
+        with tempfile.TemporaryDirectory(prefix="rd_ncz_") as tmp:
+            source = None
+            if model_path.suffix == ".pt":
+                source = model_path
+                model_path = export_checkpoint(model_path, Path(tmp) / "exported.ncz", Path(args.calibration))
+            entry, model_info = run_ncz(images, model_path, args.qualities, Path(tmp))
+            if source is not None:
+                resolved = source.resolve()
+                model_info["path"] = str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(resolved)
+                model_info["exported_from_checkpoint"] = True
+        result["codecs"]["ncz"] = entry
+        result["model"] = model_info
+    for name in OTHER_CODECS:
+        if name in args.codecs:
+            log(f"rd: {name}")
+            result["codecs"][name] = run_pil(name, images, getattr(args, f"{name}_qualities"), args.threads)
+
+    compute_bd(result)
+    result["machine"] = machine_info(args.threads)
+    result["loadavg_start"], result["loadavg_end"] = load_start, _loadavg()
+    result["runtime_s"] = round(time.perf_counter() - t0, 1)
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1))
+    plot(result, plot_path)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(result, plot_path, Path(args.markdown)))
+    print(json.dumps(result))
+    log(f"rd: wrote {json_path} and {plot_path} in {result['runtime_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
