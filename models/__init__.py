@@ -28,7 +28,7 @@ from .checkpoint import TensorSource, open_checkpoint
 from .dictionary import DictionaryLinear, encode_dictionary, encode_dictionary_group, plan_dictionary
 from .embedding import CodebookEmbedding, encode_codebook, finetune_codebooks, packable_state_dict, product_quantize
 from .lowrank import LowRankConv2d, LowRankLinear, plan_lowrank, select_ranks, stable_rank_penalty
-from .recipe import PRESETS, Recipe, Rule
+from .recipe import PRESETS, TENSOR_CLASSES, Recipe, Rule, tiered
 
 __all__ = [
     "PackReport",
@@ -45,6 +45,8 @@ __all__ = [
     "PRESETS",
     "Recipe",
     "Rule",
+    "TENSOR_CLASSES",
+    "tiered",
     "CodebookEmbedding",
     "encode_codebook",
     "finetune_codebooks",

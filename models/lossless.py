@@ -7,6 +7,14 @@ a fitted order-0 table (ANS) or zstd, whichever is smaller per plane, beats
 zstd on the interleaved bytes. Per tensor the smallest of {raw, zstd-19, byte
 planes} is stored; all are bit-exact, NaN payloads, ±inf and −0.0 included.
 
+Speed (packing MiniLM's 91 MB in seconds, not minutes): zstd runs at the
+requested level on payloads up to 64 KiB and at most at level 9 above (on float
+bytes levels 1–19 differ by < 1 %, measured on MiniLM, while level 19 costs
+~3 s per MB); ANS is tried on a plane only when its order-0 entropy promises
+> 0.5 % over the best so far (the low mantissa bytes are ~uniform: raw, which
+also decodes fastest); zstd over the whole interleaved tensor is tried on large
+tensors only when a 64 KiB sample says it could beat the planes.
+
 Byte planes (kind ``BYTE_PLANES``): head params ``dtype``, ``shape``; parts
 ``#p0`` … ``#p{k−1}`` for byte k of each element (little-endian, byte 0 lowest).
 A part is uint8 ``[n]`` (raw/zstd) or int32 ``[n]`` symbols (ANS).
@@ -36,36 +44,60 @@ __all__ = ["encode_lossless"]
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 
-def _plane_payload(plane: np.ndarray):
-    candidates = [(Codec.RAW, None), (Codec.ZSTD, {"level": 19})]
-    best = smallest_payload(plane.tobytes(), candidates)
-    if plane.size >= 64:
+_BIG = 1 << 16  # bytes: above this zstd is capped at level 9 and whole-tensor zstd is sampled first
+_BIG_LEVEL = 9
+
+
+def _order0_bytes(plane: np.ndarray) -> float:
+    counts = np.bincount(plane, minlength=256).astype(np.float64)
+    p = counts[counts > 0] / plane.size
+    return float(-(p * np.log2(p)).sum()) * plane.size / 8
+
+
+def _raw_or_zstd(data: bytes | memoryview, level: int):
+    level = level if len(data) <= _BIG else min(level, _BIG_LEVEL)
+    return smallest_payload(data, [(Codec.RAW, None), (Codec.ZSTD, {"level": level})])
+
+
+def _plane_payload(plane: np.ndarray, level: int):
+    best, dtype = _raw_or_zstd(plane.tobytes(), level), "uint8"
+    if plane.size >= 64 and _order0_bytes(plane) + 64 < 0.995 * best.stored_length:
         ans = encode_payload(plane.astype("<i4").tobytes(), Codec.ANS)
         if ans.stored_length < best.stored_length:
-            return ans, "int32"
-    return best, "uint8"
+            best, dtype = ans, "int32"
+    return best, dtype
 
 
 def encode_lossless(name: str, tensor: torch.Tensor, *, zstd_level: int = 19, planes: bool = True) -> Encoded:
-    """The smallest exact encoding of ``tensor``."""
+    """The smallest exact encoding of ``tensor`` (see the module docstring for what is tried)."""
     dtype = dtype_name(tensor.dtype)
     shape = list(tensor.shape)
     raw = tensor_bytes(tensor)
     params = {"dtype": dtype, "shape": shape}
-    whole = smallest_payload(raw, [(Codec.RAW, None), (Codec.ZSTD, {"level": zstd_level})])
-    best = Encoded(name, "lossless", [PendingSection(name, whole, Kind.TENSOR, params)], tensor.numel(), 0.0)
-    if planes and dtype in _ITEMSIZE and tensor.numel() >= 256:
+    use_planes = planes and dtype in _ITEMSIZE and tensor.numel() >= 256
+    best = None
+    if use_planes:
         size = _ITEMSIZE[dtype]
         matrix = np.frombuffer(raw, dtype=np.uint8).reshape(-1, size)
         sections = [PendingSection(name, encode_payload(b"", Codec.RAW), Kind.BYTE_PLANES, dict(params))]
         for k in range(size):
             plane = np.ascontiguousarray(matrix[:, k])
-            payload, part_dtype = _plane_payload(plane)
+            payload, part_dtype = _plane_payload(plane, zstd_level)
             sections.append(PendingSection(part_name(name, f"p{k}"), payload, Kind.PART,
                                            {"dtype": part_dtype, "shape": [plane.size]}))
-        candidate = Encoded(name, "lossless", sections, tensor.numel(), 0.0)
-        if candidate.stored_bytes < best.stored_bytes:
-            best = candidate
+        best = Encoded(name, "lossless", sections, tensor.numel(), 0.0)
+    whole_worth_trying = True
+    if best is not None and len(raw) > _BIG:
+        sample = raw[:_BIG]
+        ratio = encode_payload(sample, Codec.ZSTD, {"level": min(zstd_level, _BIG_LEVEL)}).stored_length / len(sample)
+        whole_worth_trying = ratio < 1.02 * best.stored_bytes / len(raw)
+    if whole_worth_trying:
+        whole = _raw_or_zstd(raw, zstd_level)
+    else:
+        whole = encode_payload(raw, Codec.RAW)
+    candidate = Encoded(name, "lossless", [PendingSection(name, whole, Kind.TENSOR, params)], tensor.numel(), 0.0)
+    if best is None or candidate.stored_bytes <= best.stored_bytes:
+        best = candidate
     return best
 
 

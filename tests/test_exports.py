@@ -18,7 +18,7 @@ EXPECTED = {
     "ncz.models": {
         "AdaCompCompressor", "AdaCompConfig", "AdaCompState", "AdaCompWireError", "CodebookEmbedding",
         "DictionaryLinear", "LAYER_TYPES", "LoadReport", "LowRankConv2d", "LowRankLinear", "PRESETS", "PackReport",
-        "Recipe", "Rule", "SparseMessage", "StepStats", "TensorReport", "TensorSource", "adacomp_hook",
+        "Recipe", "Rule", "TENSOR_CLASSES", "tiered", "SparseMessage", "StepStats", "TensorReport", "TensorSource", "adacomp_hook",
         "decode_message", "describe", "encode_codebook", "encode_dictionary", "encode_dictionary_group",
         "encode_message", "finetune_codebooks", "iter_tensors", "load_into", "load_state_dict", "open_checkpoint",
         "pack", "packable_state_dict", "plan_dictionary", "plan_lowrank", "product_quantize", "register_adacomp",
