@@ -111,8 +111,24 @@ class CategoricalModel:
         return _Layout(None, 0, [(0, count, self.table)])
 
 
+class _PerSymbolTables:
+    """Shared by models that pick a table per symbol: the size and the cached layout."""
+
+    table_ids: np.ndarray
+    _layout: _Layout
+
+    @property
+    def size(self) -> int:
+        return int(self.table_ids.size)
+
+    def layout(self, count: int) -> _Layout:
+        if count != self.table_ids.size:
+            raise UsageError(f"model describes {self.table_ids.size} symbols, got {count}")
+        return self._layout
+
+
 @dataclass(frozen=True, eq=False)
-class ConditionalModel:
+class ConditionalModel(_PerSymbolTables):
     """Per-symbol tables from a parametric grid, chosen by quantized mean and scale.
 
     Build it with :meth:`from_mean_scale`; encoder and decoder must pass the same
@@ -132,15 +148,6 @@ class ConditionalModel:
             raise UsageError(f"grid is for {grid.family.name}, not {family.name}")
         offsets, ids = grid.quantize(mean, scale)
         return cls(grid, offsets, ids)
-
-    @property
-    def size(self) -> int:
-        return int(self.table_ids.size)
-
-    def layout(self, count: int) -> _Layout:
-        if count != self.table_ids.size:
-            raise UsageError(f"model describes {self.table_ids.size} symbols, got {count}")
-        return self._layout
 
     @functools.cached_property
     def _layout(self) -> _Layout:
@@ -162,7 +169,7 @@ def _layout_by_table(table_ids: np.ndarray, offsets: np.ndarray, num_tables: int
 
 
 @dataclass(frozen=True, eq=False)
-class IndexedModel:
+class IndexedModel(_PerSymbolTables):
     """Each symbol picks one of a fixed list of tables by index (e.g. the
     per-channel tables of a factorized prior); offsets default to 0."""
 
@@ -180,15 +187,6 @@ class IndexedModel:
         if offsets.shape != ids.shape:
             raise UsageError("offsets and table_ids differ in length")
         object.__setattr__(self, "offsets", offsets)
-
-    @property
-    def size(self) -> int:
-        return int(self.table_ids.size)
-
-    def layout(self, count: int) -> _Layout:
-        if count != self.table_ids.size:
-            raise UsageError(f"model describes {self.table_ids.size} symbols, got {count}")
-        return self._layout
 
     @functools.cached_property
     def _layout(self) -> _Layout:
