@@ -42,12 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--calibration", type=Path, default=Path("../shared/data/train_images"))
     parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--train-state", type=Path, default=None,
+                        help="also write the float h_s and prior weights (not needed to code images) so a "
+                             "later session can continue training with train_codec --init-from")
     args = parser.parse_args(argv)
     try:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         net = HyperpriorCodec(CodecConfig.from_dict(state["model_config"]))
         net.load_state_dict(state["model"])
         path = export_codec(net.eval(), args.output, _calibration(args.calibration, args.images), step=state.get("step"))
+        if args.train_state is not None:
+            from ncz.codec.weights import WEIGHTS_RECIPE
+            from ncz.models import pack
+
+            extra = {k: v for k, v in net.state_dict().items() if k.startswith("h_s.")}
+            pack(extra, args.train_state, recipe=WEIGHTS_RECIPE, metadata={"train_steps": int(state.get("step") or 0),
+                                                                          "model_id": "train-state"})
     except (NczError, OSError, KeyError, RuntimeError) as exc:
         print(f"export_codec: error: {exc}", file=sys.stderr)
         return 1

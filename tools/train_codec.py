@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/codec", help="run directory (checkpoints, train_log.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/latest.pt")
     p.add_argument("--resume-from", default=None, help="continue from this checkpoint file")
+    p.add_argument("--init-from", nargs="+", default=None, metavar="WEIGHTS.ncz",
+                   help="start from shipped weights instead of a checkpoint: codec/weights/default.ncz "
+                        "codec/weights/train-state.ncz (fresh optimizer; the step count comes from the header)")
     p.add_argument("--steps", type=int, default=d.steps, help="total steps (the lr drop is tied to it)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--crop", type=int, default=d.crop, help="square training crop size (multiple of 64)")
@@ -123,6 +126,23 @@ def main(argv=None) -> int:
     if resume_path is not None:
         trainer.load_checkpoint(resume_path)
         print(f"resumed from {resume_path} at step {trainer.step}", flush=True)
+    elif args.init_from:
+        from ncz.format import open as open_archive
+        from ncz.models import load_state_dict
+
+        state, step = {}, 0
+        for path in args.init_from:
+            state.update({k: v for k, v in load_state_dict(path).items()
+                          if not k.startswith(("int_hs.", "z_tables."))})
+            with open_archive(path) as reader:
+                step = max(step, int(reader.metadata.get("train_steps", 0) or 0))
+        result = trainer.model.load_state_dict(state, strict=False)
+        if result.missing_keys:
+            print(f"error: --init-from lacks {len(result.missing_keys)} tensors, e.g. {result.missing_keys[:3]}",
+                  file=sys.stderr)
+            return 2
+        trainer.step = step
+        print(f"initialised from {', '.join(args.init_from)} at step {step} (fresh optimizer)", flush=True)
     mc = trainer.model_config
     print(f"{len(trainer.images)} training images, {len(trainer.eval_images)} eval images; "
           f"N={mc.N} M={mc.M} levels={len(mc.lambdas)} λ={list(mc.lambdas)}; device={device} "
