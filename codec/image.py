@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,20 +30,13 @@ from ncz.format import entropy as E
 from ncz.format.entropy_tables import Family
 
 from .imageio import MAX_PIXELS, MAX_SIDE, Pixels
-from .networks import crop, pad_to_multiple
+from .networks import crop
 from .weights import CodecRuntime
 
-__all__ = ["TILE", "EncodedImage", "encode_pixels", "decode_section", "write_image_section", "estimate_bits"]
+__all__ = ["TILE", "encode_pixels", "decode_section", "write_image_section"]
 
 TILE = 1024  # pixels per tile side: bounds memory (a 4000×3000 photo stays well under 4 GiB)
 PAD = 64
-
-
-@dataclass(frozen=True)
-class EncodedImage:
-    params: dict
-    payload: bytes
-    alpha: bytes | None  # pre-encoded later by the writer
 
 
 def _tiles(height: int, width: int) -> list[tuple[int, int, int, int]]:
@@ -186,12 +178,3 @@ def decode_section(reader: Reader, name: str, runtime: CodecRuntime,
             raise InputError(f"{where}: alpha part does not match the image size or 8-bit range")
         alpha = data.astype(np.uint8).reshape(h, w)
     return Pixels(rgb, alpha)
-
-
-def estimate_bits(runtime: CodecRuntime, pixels: Pixels, quality: float) -> float:
-    """Coded size in bits without writing a file (for rate control)."""
-    params, payload = encode_pixels(runtime, pixels, quality)
-    return 8.0 * len(payload)
-
-
-_ = pad_to_multiple  # the networks' own padding helper is for training (zero padding)

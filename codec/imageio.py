@@ -18,7 +18,18 @@ from PIL import Image, UnidentifiedImageError
 
 from ncz.format import InputError, LimitError
 
-__all__ = ["Pixels", "read_image", "write_image", "MAX_SIDE", "MAX_PIXELS"]
+__all__ = ["Pixels", "read_image", "write_image", "format_for", "MAX_SIDE", "MAX_PIXELS"]
+
+_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".ppm": "PPM", ".pgm": "PPM", ".bmp": "BMP",
+            ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def format_for(path: str | os.PathLike[str]) -> str:
+    """Pillow's format name for an output path's extension."""
+    try:
+        return _FORMATS[Path(path).suffix.lower()]
+    except KeyError:
+        raise InputError(f"{path}: unknown output extension (use .png, .jpg, .ppm, .pgm, .bmp, .webp, .tiff)") from None
 
 MAX_SIDE = 1 << 15  # 32768
 MAX_PIXELS = 1 << 28  # 268 megapixels
@@ -105,13 +116,9 @@ def write_image(pixels: Pixels, target: str | os.PathLike[str] | io.BufferedIOBa
     if pixels.alpha is not None:
         image.putalpha(Image.fromarray(pixels.alpha, "L"))
     if fmt is None and isinstance(target, (str, os.PathLike)):
-        suffix = Path(target).suffix.lower()
-        if suffix in (".jpg", ".jpeg") and pixels.alpha is not None:
-            image = image.convert("RGB")
-        fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".ppm": "PPM", ".pgm": "PPM", ".bmp": "BMP",
-               ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}.get(suffix)
-        if fmt is None:
-            raise InputError(f"{target}: unknown output extension (use .png, .jpg, .ppm, .pgm, .bmp, .webp, .tiff)")
+        fmt = format_for(target)
+    if fmt == "JPEG" and pixels.alpha is not None:
+        image = image.convert("RGB")
     try:
         image.save(target, format=fmt or "PNG")
     except (OSError, ValueError, KeyError) as exc:

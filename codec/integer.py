@@ -80,7 +80,7 @@ class IntegerLayer:
         taps = self.in_channels * w.shape[2] * w.shape[3]
         if taps * WEIGHT_LIMIT * ACTIVATION_LIMIT >= EXACT_LIMIT:
             raise InputError(f"{where}: layer too wide for exact float64 accumulation")
-        if not (self.out_step >= 0 and np.isfinite(self.out_step)) or (self.out_step == 0) != (not self.leaky and True) and self.leaky:
+        if not (self.out_step >= 0 and np.isfinite(self.out_step)) or (self.leaky and self.out_step == 0):
             raise InputError(f"{where}: hidden layers need a positive output step")
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
@@ -148,13 +148,15 @@ class IntegerHyperSynthesis:
         for z in calibration:
             x = z.double()
             for i, (conv, leaky) in enumerate(convs):
-                x = conv.double()(x) if True else x
+                w = conv.weight.double()
+                b = conv.bias.double() if conv.bias is not None else None
+                if isinstance(conv, nn.ConvTranspose2d):
+                    x = F.conv_transpose2d(x, w, b, conv.stride, conv.padding, conv.output_padding)
+                else:
+                    x = F.conv2d(x, w, b, conv.stride, conv.padding)
                 if leaky:
                     x = F.leaky_relu(x, LEAKY_SLOPE)
                 peaks[i] = max(peaks[i], float(x.abs().max()))
-            conv.float()
-        for conv, _ in convs:
-            conv.float()
         layers = []
         in_step = 1.0  # ẑ is integer
         for i, (conv, leaky) in enumerate(convs):

@@ -38,7 +38,7 @@ from .checkpoint import TensorSource, open_checkpoint
 from .lossless import encode_lossless
 from .quantized import encode_quantized
 from .recipe import Recipe
-from .representation import Encoded, decoder_for, module_builder_for, torch_dtype
+from .representation import Encoded, decoder_for, module_builder_for
 
 __all__ = ["ENCODERS", "TensorReport", "PackReport", "pack", "iter_tensors", "load_state_dict", "load_into", "unpack",
            "describe", "register_encoder", "LoadReport"]
@@ -334,7 +334,3 @@ def _atomic_write(path: Path, fill: Callable) -> None:
         except FileNotFoundError:
             pass
         raise
-
-
-def _torch_dtype_check(name: str) -> torch.dtype:  # keeps torch_dtype import used for type checkers
-    return torch_dtype(name)

@@ -245,17 +245,17 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_decode(args: argparse.Namespace) -> int:
     import os
+    from pathlib import Path
 
     from ncz.codec import decode_section, load_codec
-    from ncz.codec.imageio import write_image
-    from ncz.format import Kind, open_bytes
+    from ncz.codec.imageio import format_for, write_image
+    from ncz.format import InputError, Kind, open_bytes
+    from ncz.models.archive import _atomic_write
 
     reader = open_bytes(sys.stdin.buffer.read(), name="<stdin>") if args.input == "-" else open_archive(args.input)
     with reader:
         names = [s.name for s in reader.sections if s.kind == Kind.IMAGE]
         if not names:
-            from ncz.format import InputError
-
             raise InputError(f"{reader.name}: holds no image sections")
         runtime = load_codec(args.model)
         if len(names) == 1 and not os.path.isdir(args.output):
@@ -263,25 +263,15 @@ def cmd_decode(args: argparse.Namespace) -> int:
             if args.output == "-":
                 write_image(pixels, sys.stdout.buffer, fmt="PNG")
             else:
-                from ncz.models.archive import _atomic_write
-
-                ext = os.path.splitext(args.output)[1].lower()
-                fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".ppm": "PPM", ".pgm": "PPM",
-                       ".bmp": "BMP", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}.get(ext)
-                if fmt is None:
-                    from ncz.format import UsageError
-
-                    raise UsageError(f"{args.output}: unknown image extension (.png, .jpg, .ppm, .pgm, .bmp, .webp, .tiff)")
-                _atomic_write(__import__("pathlib").Path(args.output), lambda h: write_image(pixels, h, fmt=fmt))
+                fmt = format_for(args.output)
+                _atomic_write(Path(args.output), lambda h: write_image(pixels, h, fmt=fmt))
         else:
-            os.makedirs(args.output, exist_ok=True)
+            folder = Path(args.output)
+            folder.mkdir(parents=True, exist_ok=True)
+            fmt = format_for(f"x.{args.format}")
             for name in names:
                 pixels = decode_section(reader, name, runtime)
-                from ncz.models.archive import _atomic_write
-
-                _atomic_write(__import__("pathlib").Path(args.output) / f"{name}.{args.format}",
-                              lambda h: write_image(pixels, h, fmt={"png": "PNG", "ppm": "PPM", "bmp": "BMP",
-                                                                    "webp": "WEBP", "jpg": "JPEG"}[args.format]))
+                _atomic_write(folder / f"{name}.{args.format}", lambda h: write_image(pixels, h, fmt=fmt))
     if args.verbose:
         print(f"ncz: decoded {len(names)} image(s) to {args.output}", file=sys.stderr)
     return 0
