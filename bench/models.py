@@ -19,6 +19,11 @@ What is measured, in one run:
   tensor class.
 * **ncz sweep**: the ``q8`` per-class relative errors times a common factor
   (the allocation keeps its ratios across rates), for the rate–quality curve.
+* **Calibrated presets** (``--calibration-sentences``, 2,000 by default):
+  ``q8``, ``q4``, ``small`` packed with ``ncz.models.calibrate`` statistics from
+  CLINC150 *training* queries (never the test queries): GPTQ rounding of the linear
+  layers and frequency-weighted embedding rows at the presets' output error. Also
+  their cosine out of domain (300 PTB test sentences) next to the data-free presets'.
 * **Baselines**: the safetensors file itself; zstd −19 on its bytes; bf16 + zstd −19
   (cosine included); NNCodec (``pip install nncodec``, DeepCABAC with dependent
   quantization ``use_dq=True``, its default; 1-D parameters at its default fine
@@ -83,6 +88,7 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLINC = REPO.parent / "shared" / "data" / "nlu" / "clinc150" / "data_full.json"
+PTB = REPO.parent / "shared" / "data" / "text" / "ptb" / "ptb.test.txt"
 RESULTS = REPO / "bench" / "results"
 PRESET_NAMES = ("lossless", "q8", "q4", "small")
 SWEEP_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.2, 3.2, 4.5, 6.5)
@@ -214,12 +220,13 @@ def _round(value: Any) -> Any:
 
 
 def run_preset(name: str, recipe, source: Path, numel: int, dense_bytes: int, evaluate: Evaluator,
-               tmp: Path, timing: bool = True) -> dict[str, Any]:
+               tmp: Path, timing: bool = True, calibration=None,
+               out_of_domain: Evaluator | None = None) -> dict[str, Any]:
     from ncz.models import load_state_dict, pack, unpack
 
     path = tmp / f"{name}.ncz"
     with Clock() as pack_clock:
-        report = pack(source, path, recipe=recipe)
+        report = pack(source, path, recipe=recipe, calibration=calibration)
     result: dict[str, Any] = {"bytes": report.file_bytes, "bits_per_weight": 8 * report.file_bytes / numel}
     decode_wall, decode_cpu, state = [], [], None
     for _ in range(2 if timing else 1):  # best of two: the machine is shared
@@ -229,6 +236,8 @@ def run_preset(name: str, recipe, source: Path, numel: int, dense_bytes: int, ev
         decode_wall.append(clock.wall)
         decode_cpu.append(clock.cpu)
     result.update(evaluate(state))
+    if out_of_domain is not None:
+        result["out_of_domain_cosine"] = out_of_domain(state)["cosine"]
     if timing:
         with Clock() as unpack_clock:
             unpack(path, tmp / f"{name}.safetensors")
@@ -250,6 +259,19 @@ def run_preset(name: str, recipe, source: Path, numel: int, dense_bytes: int, ev
                                 for k, (b, n) in sorted(classes.items())}
     path.unlink()
     return result
+
+
+def calibration_sentences(count: int) -> list[str]:
+    """``count`` CLINC150 *training* queries, evenly spaced (the test queries stay unseen)."""
+    data = json.loads(CLINC.read_text(encoding="utf-8"))["train"]
+    stride = max(1, len(data) // count)
+    return [text for text, _intent in data[::stride][:count]]
+
+
+def ptb_sentences(count: int) -> list[str]:
+    """Out-of-domain check: the first PTB test sentences of > 5 words (``<unk>`` spelled out)."""
+    lines = PTB.read_text(encoding="utf-8").splitlines()
+    return [line.strip().replace("<unk>", "unknown") for line in lines if len(line.split()) > 5][:count]
 
 
 def scaled_recipe(factor: float):
@@ -485,6 +507,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.plot(r["bits_per_weight"], 1 - r["cosine"], "s", color="tab:blue", markersize=9)
         ax.annotate(f"ncz {name}", (r["bits_per_weight"], 1 - r["cosine"]), textcoords="offset points",
                     xytext=(6, 6), fontsize=9)
+    calibrated = results.get("calibrated", {}).get("presets", {})
+    if calibrated:
+        points = sorted((r["bits_per_weight"], 1 - r["cosine"]) for r in calibrated.values())
+        ax.plot(*zip(*points), "s--", color="tab:green", markersize=8,
+                label="ncz presets + calibration (CLINC150 train)")
+        for name, r in calibrated.items():
+            ax.annotate(f"{name}+cal", (r["bits_per_weight"], 1 - r["cosine"]), textcoords="offset points",
+                        xytext=(6, -12), fontsize=9, color="tab:green")
     nnc = results["baselines"].get("nncodec", {})
     if nnc.get("points"):
         curve = sorted((p["bits_per_weight"], 1 - p["cosine"]) for p in nnc["points"])
@@ -510,12 +540,55 @@ def plot(results: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------
 
 
+def run_calibrated(model, tokenizer, count: int, source: Path, numel: int, dense_bytes: int, evaluate: Evaluator,
+                   tmp: Path, plain: dict[str, Any], log) -> dict[str, Any]:
+    """The lossy presets packed with a calibration on CLINC150 training queries (GPTQ for
+    linear layers, frequency-weighted embedding rows), and an out-of-domain check (PTB
+    sentences) for them and for the data-free presets."""
+    from ncz.models import Recipe, calibrate
+
+    texts = calibration_sentences(count)
+    with Clock() as clock:
+        calibration = calibrate(model, [encoded for _, encoded in make_batches(tokenizer, texts)],
+                                source=f"CLINC150 train, {len(texts)} queries")
+    ptb = ptb_sentences(300)
+    ood = Evaluator(model, make_batches(tokenizer, ptb), len(ptb))
+    out: dict[str, Any] = {"data": calibration.source, "tokens": calibration.samples, "calibrate_wall_s": clock.wall,
+                           "calibrate_cpu_s": clock.cpu,
+                           "out_of_domain": f"PTB test, first {len(ptb)} sentences of > 5 words",
+                           "presets": {}, "data_free_out_of_domain_cosine": {}}
+    for name in PRESET_NAMES:
+        if name == "lossless":
+            continue
+        out["data_free_out_of_domain_cosine"][name] = ood(_decoded(name, source, tmp))["cosine"]
+        r = run_preset(f"{name}-calibrated", Recipe.preset(name), source, numel, dense_bytes, evaluate, tmp,
+                       calibration=calibration, out_of_domain=ood)
+        out["presets"][name] = r
+        log(f"{name} calibrated: {r['bits_per_weight']:.3f} bits/weight (data-free "
+            f"{plain[name]['bits_per_weight']:.3f}), cosine {r['cosine']:.6f}, PTB cosine "
+            f"{r['out_of_domain_cosine']:.5f} (data-free {out['data_free_out_of_domain_cosine'][name]:.5f}), "
+            f"pack {r['pack_wall_s']:.1f} s wall / {r['pack_cpu_s']:.1f} s cpu")
+    return out
+
+
+def _decoded(name: str, source: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    from ncz.models import load_state_dict, pack
+
+    path = tmp / f"{name}-plain.ncz"
+    pack(source, path, recipe=name)
+    state = load_state_dict(path)
+    path.unlink()
+    return state
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sentences", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="200 sentences, 3 NNCodec points, short sweep")
     parser.add_argument("--no-nncodec", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calibration-sentences", type=int, default=2000,
+                        help="CLINC150 training queries for the calibrated presets (0: skip them)")
     parser.add_argument("--out", type=Path, default=RESULTS / "models.json")
     parser.add_argument("--derive", action="store_true",
                         help="measure per-class sensitivity on validation sentences and print the allocation "
@@ -589,6 +662,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["ncz_sweep"] = {"points": sweep,
                                 "bits_at_cosine": {str(c): interpolate_bits(curve, c) for c in COSINE_TARGETS}}
 
+        if args.calibration_sentences > 0:
+            results["calibrated"] = run_calibrated(model, tokenizer, args.calibration_sentences, source, numel,
+                                                   dense_bytes, evaluate, tmp_path, results["presets"], log)
+
     if args.no_nncodec:
         results["baselines"]["nncodec"] = {"skipped": True}
     else:
@@ -617,6 +694,13 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
         out[f"{name}_bits_and_cosine"] = {"bits_per_weight": r["bits_per_weight"], "max_bits": bits,
                                           "cosine": r["cosine"], "min_cosine": cosine,
                                           "met": r["bits_per_weight"] <= bits and r["cosine"] >= cosine}
+    calibrated = results.get("calibrated", {}).get("presets", {})
+    for name, bits, cosine in (("q8", 5.0, 0.999), ("small", 2.5, 0.98)):
+        if name in calibrated:
+            r = calibrated[name]
+            out[f"{name}_calibrated_bits_and_cosine"] = {
+                "bits_per_weight": r["bits_per_weight"], "max_bits": bits, "cosine": r["cosine"],
+                "min_cosine": cosine, "met": r["bits_per_weight"] <= bits and r["cosine"] >= cosine}
     nnc = base.get("nncodec", {})
     if nnc.get("points"):
         curve = [(p["bits_per_weight"], p["cosine"]) for p in nnc["points"]]
@@ -626,6 +710,12 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
             out[f"{name}_smaller_than_nncodec"] = {"bits_per_weight": r["bits_per_weight"], "cosine": r["cosine"],
                                                    "nncodec_bits_at_same_cosine": at,
                                                    "met": None if at is None else r["bits_per_weight"] < at}
+            if name in calibrated:
+                r = calibrated[name]
+                at = interpolate_bits(curve, r["cosine"])
+                out[f"{name}_calibrated_smaller_than_nncodec"] = {
+                    "bits_per_weight": r["bits_per_weight"], "cosine": r["cosine"],
+                    "nncodec_bits_at_same_cosine": at, "met": None if at is None else r["bits_per_weight"] < at}
     for name, r in presets.items():
         out[f"{name}_pack_le_10s"] = {"wall_s": r["pack_wall_s"], "cpu_s": r["pack_cpu_s"],
                                       "met_wall": r["pack_wall_s"] <= 10, "met_cpu": r["pack_cpu_s"] <= 10}

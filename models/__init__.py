@@ -4,6 +4,8 @@
 - representations: lossless (raw / zstd / byte planes), quantized (+ entropy coding)
 - archives: :func:`pack`, :func:`load_state_dict`, :func:`unpack`, :func:`describe`
 - recipes and presets: :class:`Recipe`
+- calibration on real inputs (GPTQ for linear layers, frequency-weighted embedding rows):
+  :func:`calibrate`, :class:`Calibration`, ``pack(..., calibration=)``
 - low-rank factors with joint rank selection (BSR): :func:`plan_lowrank`, :func:`stable_rank_penalty`
 - shared dictionaries with sparse codes (DirNet): :func:`plan_dictionary`, :class:`DictionaryLinear`
 - AdaComp residual gradient compression as a DDP communication hook: :func:`register_adacomp`
@@ -24,6 +26,7 @@ from .adacomp import (
     register_adacomp,
 )
 from .archive import LoadReport, PackReport, TensorReport, describe, iter_tensors, load_into, load_state_dict, pack, unpack
+from .calibration import Calibration, calibrate
 from .checkpoint import TensorSource, open_checkpoint
 from .dictionary import DictionaryLinear, encode_dictionary, encode_dictionary_group, plan_dictionary
 from .embedding import CodebookEmbedding, encode_codebook, finetune_codebooks, packable_state_dict, product_quantize
@@ -41,6 +44,8 @@ __all__ = [
     "pack",
     "unpack",
     "TensorSource",
+    "Calibration",
+    "calibrate",
     "open_checkpoint",
     "PRESETS",
     "Recipe",

@@ -37,6 +37,7 @@ from . import lossless, quantized  # noqa: F401 - register their decoders
 from .checkpoint import TensorSource, open_checkpoint
 from .lossless import encode_lossless
 from .quantized import encode_quantized
+from .calibration import Calibration
 from .recipe import Recipe
 from .representation import Encoded, decoder_for, module_builder_for
 
@@ -92,12 +93,15 @@ class PackReport:
 Progress = Callable[[int, int, str], None]
 
 
-def _encode(name: str, tensor: torch.Tensor, recipe: Recipe) -> Encoded:
+def _encode(name: str, tensor: torch.Tensor, recipe: Recipe, calibration: Calibration | None = None) -> Encoded:
     rule = recipe.choose(name, tensor)
     if rule.representation != "lossless" and (not tensor.is_floating_point() or not torch.isfinite(tensor).all()):
         return encode_lossless(name, tensor)  # integers, NaN/inf: only exact storage makes sense
+    options = dict(rule.options)
+    if calibration is not None and rule.representation == "quantized":
+        options["calibration"] = calibration.for_tensor(name, tuple(tensor.shape))
     try:
-        return ENCODERS[rule.representation](name, tensor, **rule.options)
+        return ENCODERS[rule.representation](name, tensor, **options)
     except TypeError as exc:
         raise UsageError(f"recipe {recipe.name!r}: bad options {rule.options} for {rule.representation!r} ({exc})") from exc
 
@@ -105,8 +109,12 @@ def _encode(name: str, tensor: torch.Tensor, recipe: Recipe) -> Encoded:
 def pack(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | TensorSource, output: str | os.PathLike[str], *,
          recipe: Recipe | str = "lossless", metadata: Mapping[str, Any] | None = None,
          workers: int = 2, progress: Progress | None = None,
-         pre_encoded: Mapping[str, Encoded] | None = None) -> PackReport:
+         pre_encoded: Mapping[str, Encoded] | None = None, calibration: Calibration | None = None) -> PackReport:
     """Pack a checkpoint (path, state dict or TensorSource) into ``output``.
+
+    ``calibration`` (from :func:`ncz.models.calibrate`) lets quantized tensors
+    meet their recipe's output error with fewer bits (GPTQ for linear weights,
+    frequency-weighted steps for embedding rows; same on-disk layout).
 
     ``pre_encoded`` maps tensor names to encodings made elsewhere (e.g. a
     dictionary group from ``plan_dictionary``); those skip the recipe and are
@@ -130,6 +138,8 @@ def pack(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | TensorSou
     if unknown:
         raise UsageError(f"pre_encoded names {sorted(unknown)[:3]} are not tensors of the checkpoint")
     header = {"format": ARCHIVE_TAG, "tensors": len(names), "source": source_name, "recipe": recipe.name}
+    if calibration is not None:
+        header.update({"calibration": calibration.source or "unnamed", "calibration_samples": int(calibration.samples)})
     header.update(metadata or {})
     reports: list[TensorReport] = []
     with Writer(output, metadata=header) as writer, ThreadPoolExecutor(max(1, workers)) as pool:
@@ -156,7 +166,7 @@ def pack(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | TensorSou
                 done.set_result(pre_encoded[name])
                 pending.append((name, done))
             else:
-                pending.append((name, pool.submit(_encode, name, load(name), recipe)))
+                pending.append((name, pool.submit(_encode, name, load(name), recipe, calibration)))
             drain(max(1, workers))
         drain(0)
     return PackReport(Path(output), os.path.getsize(output), reports)

@@ -67,6 +67,7 @@ import numpy as np
 import torch
 
 from ncz.format import Codec, InputError, Kind, Reader, SectionInfo, UsageError, encode_payload
+from ncz.format.entropy import read_symbols
 
 from .representation import (
     Encoded,
@@ -352,6 +353,106 @@ def quantize_codes(w: np.ndarray, *, rel_error: float | None = None, bits: float
     return Quantized(q, steps, err, base, row_codes, col_codes)
 
 
+def _decoder_steps(row_codes: np.ndarray, col_codes: np.ndarray | None, base: float) -> Steps:
+    """The float32 steps the decoder computes from the codes and ``step_base``."""
+    row_steps = step_values(row_codes) * np.float32(base)
+    return (row_steps, step_values(col_codes)) if col_codes is not None else row_steps
+
+
+def _secant_base(error_at, target: float, base: float, rounds: int = 6) -> float:
+    """The coarsest base with error_at(base) ≤ target (errors grow ~ base²), by a few
+    multiplicative corrections from ``base`` and a final walk down if needed."""
+    best = None
+    for _ in range(rounds):
+        err = error_at(base)
+        if err <= target:
+            best = base if best is None else max(best, base)
+            if err >= target * 0.97:  # within 1.5 % of the step: not worth another round
+                break
+        if err <= 0:
+            base *= 2
+            continue
+        base *= math.sqrt(target / err) * (0.999 if err > target else 1.0)
+    while best is None:
+        base *= 0.97
+        if error_at(base) <= target:
+            best = base
+    return best
+
+
+def quantize_calibrated(w: np.ndarray, reference: Quantized, calibration, granularity: str,
+                        group_size: int = 64) -> tuple[Quantized, str]:
+    """Requantize the 2-D view ``w`` with calibration statistics (:mod:`ncz.models.calibration`)
+    at the *output* error of ``reference`` (plain rounding at the recipe's target).
+
+    A Hessian (linear weight) keeps the reference's step shape and rounds with GPTQ;
+    row counts (embedding table) give per-row steps ∝ 1/√(row importance) (granularity
+    ``channel``). Returns (result, granularity); the result's ``rel_error`` is the weight
+    error, which is *larger* than the reference's: the output error is what is bounded.
+    """
+    from .calibration import act_order, damped_inverse_factor, gptq_round, output_error, row_importance
+
+    w32 = np.ascontiguousarray(w, dtype=np.float32)
+    norm = math.sqrt(float(np.sum(np.square(w32, dtype=np.float64))))
+    if norm == 0 or granularity == "group":
+        return reference, granularity
+    ref_delta = w32 - dequantize(reference.q, reference.steps, granularity, group_size)
+    if calibration.hessian is not None:
+        hessian = torch.from_numpy(np.asarray(calibration.hessian, dtype=np.float32))
+        order = act_order(calibration.hessian)
+        factor = damped_inverse_factor(calibration.hessian, order)
+        rows = w32.shape[0]
+        sample = np.unique(np.linspace(0, rows - 1, min(rows, 96)).round().astype(np.int64))
+        target_sample = output_error(ref_delta[sample], hessian)
+
+        def full_steps(base: float, idx=slice(None)) -> np.ndarray:
+            steps = _decoder_steps(reference.row_codes, reference.col_codes, base)
+            full = _expand(steps, w32.shape, granularity, group_size)
+            return np.broadcast_to(full, w32.shape)[idx]
+
+        def error_at(base: float, idx=sample) -> float:
+            st = full_steps(base, idx)
+            q = gptq_round(w32[idx], st, factor, order)
+            return output_error(w32[idx] - q.astype(np.float32) * st, hessian)
+
+        base = _secant_base(error_at, target_sample, reference.base, rounds=5)
+        target = output_error(ref_delta, hessian)
+        for _ in range(6):  # the sample's base on the whole tensor; tighten if it overshoots
+            st = full_steps(base)
+            q = gptq_round(w32, st, factor, order)
+            err = output_error(w32 - q.astype(np.float32) * st, hessian)
+            if err <= target:
+                break
+            base *= 0.99 * math.sqrt(target / err)
+        else:
+            return reference, granularity
+        steps = _decoder_steps(reference.row_codes, reference.col_codes, base)
+        rel = math.sqrt(float(np.sum(np.square(w32 - dequantize(q, steps, granularity, group_size),
+                                                dtype=np.float64)))) / norm
+        return Quantized(q, steps, rel, float(np.float32(base)), reference.row_codes, reference.col_codes), granularity
+
+    importance = row_importance(calibration.row_counts)[:, None]  # (rows, 1)
+    target = float(np.sum(importance * np.square(ref_delta, dtype=np.float64)))
+    rows_rel = np.broadcast_to(step_values(reference.row_codes), (w32.shape[0], 1)).astype(np.float64)
+    row_codes = _step_codes(_rms_scale(rows_rel / np.sqrt(importance)))
+    col_codes = reference.col_codes
+    new_granularity = "rowcol" if granularity == "rowcol" else "channel"
+
+    def attempt(base: float):
+        steps = _decoder_steps(row_codes, col_codes, base)
+        full = _expand(steps, w32.shape, new_granularity, group_size)
+        q = np.rint(w32 / full)
+        return q, steps, float(np.sum(importance * np.square(w32 - q * full, dtype=np.float64)))
+
+    base = _secant_base(lambda b: attempt(b)[2], target, reference.base * 2)
+    q, steps, _ = attempt(base)
+    if np.abs(q).max() >= 2**30:
+        return reference, granularity
+    rel = math.sqrt(float(np.sum(np.square(w32 - dequantize(q, steps, new_granularity, group_size),
+                                            dtype=np.float64)))) / norm
+    return Quantized(q.astype(np.int32), steps, rel, float(np.float32(base)), row_codes, col_codes), new_granularity
+
+
 _PAIR_MIN = 1 << 20  # weights: smaller tensors keep one symbol per index (the K² table would cost too much)
 _PAIR_WIDTHS = (4, 8, 16, 32, 64)  # K: K² ≤ 4096 regular pair symbols, the most one ANS table holds
 _PAIR_ESCAPES = 1e-4  # the largest share of escaped pairs accepted (an escape costs ~7 bytes)
@@ -419,8 +520,19 @@ def unpair_symbols(symbols: np.ndarray, k: int, count: int, where: str) -> np.nd
     return out[:count]
 
 
+def _restored_error(tensor: torch.Tensor, q: np.ndarray, steps: Steps, granularity: str, group_size: int) -> float:
+    """Relative error after the decoder's cast back to the tensor's dtype."""
+    restored = torch.from_numpy(dequantize(q, steps, granularity, group_size)).to(tensor.dtype).double().reshape(-1)
+    original = tensor.detach().double().reshape(-1)
+    return float((original - restored).norm() / original.norm()) if float(original.norm()) > 0 else 0.0
+
+
 def encode_quantized(name: str, tensor: torch.Tensor, *, rel_error: float | None = None, bits: float | None = None,
-                     granularity: str = "channel", group_size: int = 64) -> Encoded:
+                     granularity: str = "channel", group_size: int = 64, calibration=None) -> Encoded:
+    """Quantize ``tensor`` (see the module docstring); with ``calibration`` (a
+    :class:`ncz.models.calibration.TensorCalibration`) and a ``rel_error`` target, the
+    output error of plain rounding at ``rel_error`` is met with fewer bits
+    (:func:`quantize_calibrated`)."""
     if not tensor.is_floating_point():
         raise UsageError(f"{name}: only floating-point tensors can be quantized")
     if granularity not in GRANULARITIES:
@@ -440,12 +552,15 @@ def encode_quantized(name: str, tensor: torch.Tensor, *, rel_error: float | None
         if tensor.dtype == torch.float32:
             break
         # the decoder casts back to the original dtype: report (and bound) that error
-        restored = torch.from_numpy(dequantize(q, steps, granularity, group_size)).to(tensor.dtype).double().reshape(-1)
-        original = tensor.detach().double().reshape(-1)
-        err = float((original - restored).norm() / original.norm()) if float(original.norm()) > 0 else 0.0
+        err = _restored_error(tensor, q, steps, granularity, group_size)
         if rel_error is None or err <= rel_error or target < rel_error / 2:
             break
         target *= 0.97  # the cast's rounding pushed it over: aim a little lower
+    if calibration is not None and rel_error is not None:
+        result, granularity = quantize_calibrated(w2, result, calibration, granularity, group_size)
+        q, steps = result.q, result.steps
+        err = _restored_error(tensor, q, steps, granularity, group_size) if tensor.dtype != torch.float32 \
+            else result.rel_error
     params = {"dtype": dtype_name(tensor.dtype), "shape": shape, "granularity": granularity,
               "step_base": result.base}
     if granularity == "group":

@@ -16,7 +16,8 @@ EXPECTED = {
         "ConditionalModel", "BitsBackStack",
     },
     "ncz.models": {
-        "AdaCompCompressor", "AdaCompConfig", "AdaCompState", "AdaCompWireError", "CodebookEmbedding",
+        "AdaCompCompressor", "AdaCompConfig", "AdaCompState", "AdaCompWireError", "Calibration", "calibrate",
+        "CodebookEmbedding",
         "DictionaryLinear", "LAYER_TYPES", "LoadReport", "LowRankConv2d", "LowRankLinear", "PRESETS", "PackReport",
         "Recipe", "Rule", "TENSOR_CLASSES", "tiered", "SparseMessage", "StepStats", "TensorReport", "TensorSource", "adacomp_hook",
         "decode_message", "describe", "encode_codebook", "encode_dictionary", "encode_dictionary_group",

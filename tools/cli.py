@@ -151,9 +151,15 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from ncz.models import Recipe, pack
 
     recipe = Recipe.from_toml(args.recipe) if args.recipe else Recipe.preset(args.preset)
+    calibration = None
+    if args.calibration:
+        from ncz.models import Calibration
+
+        calibration = Calibration.load(args.calibration)
     bar = _Bar("pack", not args.quiet and sys.stderr.isatty())
     try:
-        report = pack(args.checkpoint, args.output, recipe=recipe, workers=args.workers, progress=bar)
+        report = pack(args.checkpoint, args.output, recipe=recipe, workers=args.workers, progress=bar,
+                      calibration=calibration)
     finally:
         bar.close()
     if not args.quiet:
@@ -319,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--preset", default="lossless", help="lossless | q8 | q4 | small (default: lossless)")
     group.add_argument("--recipe", help="TOML recipe mapping tensor-name patterns to representations")
+    p.add_argument("--calibration", help="calibration file from ncz.models.calibrate(): quantized tensors meet "
+                                          "the recipe's output error with fewer bits (GPTQ, frequency-weighted rows)")
     p.add_argument("--workers", type=int, default=2, help="encoder threads (default 2)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_pack)
