@@ -51,7 +51,8 @@ def to_bytes(words: np.ndarray) -> bytes:
 def from_bytes(data: bytes | memoryview, where: str) -> np.ndarray:
     if len(data) % 4:
         raise StreamError(f"{where}: coder stream of {len(data)} bytes is not whole 32-bit words")
-    return np.frombuffer(data, dtype="<u4").astype(np.uint32)
+    # the coders copy the words they are given, so a read-only view suffices
+    return np.frombuffer(data, dtype="<u4").astype(np.uint32, copy=False)
 
 
 Group = tuple[np.ndarray, FrequencyTable]  # table indices, their table
@@ -97,12 +98,20 @@ class GroupDecoder:
         except (ValueError, TypeError, RuntimeError, OverflowError, AssertionError) as exc:
             # constriction signals invalid range-coder data with an AssertionError
             raise StreamError(f"{self.where}: corrupt {self.coder.value} stream ({exc})") from exc
-        if int(indices.max()) >= table.freqs.size or int(indices.min()) < 0:
+        # one pass: a negative int32 is a large uint32
+        if int(indices.view(np.uint32).max()) >= table.freqs.size:
             raise StreamError(f"{self.where}: decoded an index outside its table")
         return indices
 
     def finish(self) -> None:
-        """Raise unless every word of the stream was consumed."""
+        """Raise unless every word of the stream was consumed.
+
+        For ANS this is also the whole canonicality check: constriction's ANS
+        decode step is the exact inverse of its encode step (the decoder refills a
+        word exactly when the encoder would have flushed it), so a stream that
+        decodes to ``s`` and leaves the coder empty (state 0) *is* the encoding
+        of ``s``; see :func:`ncz.format.entropy.decode`.
+        """
         if self.coder is Coder.RANGE:
             done = self._empty_input or self._dec.maybe_exhausted()
         else:

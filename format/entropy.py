@@ -21,9 +21,10 @@ the same coder stream — no error, no clipping.
 
 Symbols are grouped by table (a stable sort of the table ids), so one batch call
 into constriction codes each group: no Python work per symbol. Decoders derive
-the same grouping from the same model, and check that the stream is consumed
-exactly: the stack ends empty / the queue is exhausted, and re-encoding the
-decoded symbols gives the same words (so every valid stream is canonical). Bits-back coding uses :class:`BitsBackStack` (ANS only).
+the same grouping from the same model, and accept only canonical streams (exactly
+the encoding of what they decode to): an ANS stack must end empty, which for ANS
+is equivalent (see :func:`decode`); a range decoder must end exhausted *and*
+re-encoding must give the same words. Bits-back coding uses :class:`BitsBackStack` (ANS only).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ __all__ = [
     "BitsBackStack",
     "write_conditional",
     "read_conditional",
+    "read_symbols",
     "ESCAPE_BITS",
 ]
 
@@ -240,6 +242,22 @@ def encode(symbols: np.ndarray, model: Model, coder: Coder = Coder.ANS) -> bytes
     return adapter.to_bytes(adapter.encode_groups(coder, _groups(symbols, model)))
 
 
+def _pop_escapes(pop, indices: np.ndarray, table: FrequencyTable, where: str,
+                 record: list[tuple[np.ndarray, FrequencyTable]] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mask, int64 values) of a group's escaped symbols, their chunks popped; None when none."""
+    escaped = indices == table.num_regular
+    n_escaped = int(np.count_nonzero(escaped))
+    if not n_escaped:
+        return None
+    chunks = pop(ESCAPE_CHUNKS * n_escaped, _UNIFORM16)
+    if record is not None:
+        record.append((chunks, _UNIFORM16))
+    extra = _from_chunks(chunks)
+    if ((extra >= table.lo) & (extra <= table.hi)).any():
+        raise StreamError(f"{where}: an escaped value lies inside its table's range (not canonical)")
+    return escaped, extra
+
+
 def _decode_segments(pop, lay: _Layout, count: int, where: str,
                      record: list[tuple[np.ndarray, FrequencyTable]] | None = None) -> np.ndarray:
     """Pop every group of ``lay``; ``record`` collects (indices, table) as decoded,
@@ -251,16 +269,9 @@ def _decode_segments(pop, lay: _Layout, count: int, where: str,
             record.append((indices, table))
         values = indices.astype(np.int64) + table.offset
         if table.escape:
-            escaped = indices == table.num_regular
-            n_escaped = int(np.count_nonzero(escaped))
-            if n_escaped:
-                chunks = pop(ESCAPE_CHUNKS * n_escaped, _UNIFORM16)
-                if record is not None:
-                    record.append((chunks, _UNIFORM16))
-                extra = _from_chunks(chunks)
-                if ((extra >= table.lo) & (extra <= table.hi)).any():
-                    raise StreamError(f"{where}: an escaped value lies inside its table's range (not canonical)")
-                values[escaped] = extra
+            escapes = _pop_escapes(pop, indices, table, where, record)
+            if escapes is not None:
+                values[escapes[0]] = escapes[1]
         rel[a:b] = values
     coded = rel + lay.offsets
     if count and (coded.min() < -(2**31) or coded.max() >= 2**31):
@@ -272,25 +283,60 @@ def _decode_segments(pop, lay: _Layout, count: int, where: str,
     return out
 
 
+def _decode_one_table(pop, table: FrequencyTable, count: int, where: str) -> np.ndarray:
+    """A categorical model's symbols: one table, offset 0, coding order = position order.
+
+    The fast path of :func:`_decode_segments`: int32 throughout (the table's range
+    lies within int32, FORMAT.md §7.5), no copies when nothing is escaped."""
+    indices = pop(count, table)  # a fresh int32 array, every index inside the table
+    escapes = None
+    if table.escape and count and int(indices.max()) == table.num_regular:  # the escape is the last index
+        escapes = _pop_escapes(pop, indices, table, where)
+        if escapes[1].min() < -(2**31) or escapes[1].max() >= 2**31:
+            raise StreamError(f"{where}: a decoded symbol does not fit in int32")
+        indices[escapes[0]] = 0
+    if table.lo:
+        np.add(indices, np.int32(table.lo), out=indices)  # lo + index <= hi < 2^31
+    if escapes is not None:
+        indices[escapes[0]] = escapes[1]
+    return indices
+
+
 def decode(data: bytes | memoryview, model: Model, count: int | None = None, coder: Coder = Coder.ANS,
            *, where: str = "stream") -> np.ndarray:
-    """Mirror of :func:`encode`: ``count`` int32 symbols (implied by a conditional model)."""
+    """Mirror of :func:`encode`: ``count`` int32 symbols (implied by a conditional model).
+
+    Only canonical streams decode: a stream must be exactly the encoding of the
+    symbols it decodes to (so truncated or padded streams are rejected even where
+    the coder would decode zeros past the end)."""
     if count is None:
         if isinstance(model, CategoricalModel):
             raise UsageError("count is required with a categorical model")
         count = model.size
     if count < 0:
         raise UsageError("count must be >= 0")
-    lay = model.layout(count)
     decoder = adapter.GroupDecoder(coder, adapter.from_bytes(data, where), where)
+    if coder is Coder.ANS:
+        # ANS: ending empty is the canonical check. Each decode step is the exact
+        # inverse of an encode step, refills included (the decoder pulls a word
+        # exactly when its state drops below 2^32, which is exactly when the
+        # encoder, going back, pushes it), and an empty coder (state 0) is where
+        # encoding starts; so a stream that decodes to s and leaves the coder
+        # empty is the encoding of s, word for word (tests check this against
+        # re-encoding on truncated, padded and corrupted streams).
+        if isinstance(model, CategoricalModel):
+            out = _decode_one_table(decoder.decode, model.table, count, where)
+        else:
+            out = _decode_segments(decoder.decode, model.layout(count), count, where)
+        decoder.finish()
+        return out
     coded: list[tuple[np.ndarray, FrequencyTable]] = []
-    out = _decode_segments(decoder.decode, lay, count, where, coded)
+    out = _decode_segments(decoder.decode, model.layout(count), count, where, coded)
     decoder.finish()
-    # Neither coder can tell every truncated or padded stream from a whole one
-    # (a range decoder reads past the end as zeros; an ANS stack decodes zeros
-    # once empty). Re-encoding can: a stream is valid only if it is exactly the
-    # encoding of what it decodes to. Encoding is several times faster than
-    # decoding, so this costs a fraction of the decode.
+    # A range decoder reads past the end of its data as zeros, and exhaustion
+    # does not tell every truncated or padded stream from a whole one.
+    # Re-encoding does: a stream is valid only if it is exactly the encoding of
+    # what it decodes to (encoding is several times faster than decoding).
     again = adapter.to_bytes(adapter.encode_groups(coder, coded))
     if again != bytes(data):
         raise StreamError(f"{where}: {coder.value} stream is not the encoding of its symbols (truncated, padded or corrupt)")
@@ -413,22 +459,41 @@ def _section_model(params: Mapping[str, Any], where: str) -> ModelId:
     return ModelId(model)
 
 
+def _decode_categorical_section(stored: Any, params: Mapping[str, Any], decoded_length: int, codec: Codec,
+                                where: str) -> np.ndarray:
+    model_id = _section_model(params, where)
+    if model_id != ModelId.CATEGORICAL:
+        raise UsageError(f"{where}: a conditional ({model_id.name.lower()}) stream; decode it with "
+                         "ncz.format.entropy.read_conditional() and its means and scales")
+    if decoded_length % 4:
+        raise FormatError(f"{where}: decoded_length {decoded_length} is not a multiple of 4 (int32 symbols)")
+    table = params.get("table")
+    if not isinstance(table, bytes):
+        raise FormatError(f"{where}: params.table must be bin")
+    model = CategoricalModel(FrequencyTable.from_bytes(table, f"{where}: params.table"))
+    return decode(stored, model, decoded_length // 4, _coder_of(codec), where=where)
+
+
 def _section_decode(codec: Codec):
     def decode_section(stored: Any, params: Mapping[str, Any], decoded_length: int, where: str) -> bytes:
-        model_id = _section_model(params, where)
-        if model_id != ModelId.CATEGORICAL:
-            raise UsageError(f"{where}: a conditional ({model_id.name.lower()}) stream; decode it with "
-                             "ncz.format.entropy.read_conditional() and its means and scales")
-        if decoded_length % 4:
-            raise FormatError(f"{where}: decoded_length {decoded_length} is not a multiple of 4 (int32 symbols)")
-        table = params.get("table")
-        if not isinstance(table, bytes):
-            raise FormatError(f"{where}: params.table must be bin")
-        model = CategoricalModel(FrequencyTable.from_bytes(table, f"{where}: params.table"))
-        symbols = decode(stored, model, decoded_length // 4, _coder_of(codec), where=where)
-        return symbols.astype("<i4").tobytes()
+        symbols = _decode_categorical_section(stored, params, decoded_length, codec, where)
+        return symbols.astype("<i4", copy=False).tobytes()
 
     return decode_section
+
+
+def read_symbols(reader, name: str) -> np.ndarray:
+    """The int32 symbols of a self-contained (categorical) RANGE/ANS section, as an array.
+
+    What ``np.frombuffer(reader.read(name), "<i4")`` gives, without the detour
+    through bytes (the same checks; the array is the caller's, writable)."""
+    info = reader.info(name)
+    where = f"{reader.name}: section {name!r}"
+    if info.codec not in (Codec.RANGE, Codec.ANS):
+        raise FormatError(f"{where}: codec {info.codec_name} is not an entropy codec")
+    symbols = _decode_categorical_section(reader.stored(name), info.params, info.decoded_length,
+                                          Codec(info.codec), where)
+    return symbols.astype("<i4", copy=False)
 
 
 def _needs_context(params: Mapping[str, Any]) -> bool:

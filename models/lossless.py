@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ncz.format import Codec, InputError, Kind, Reader, SectionInfo, encode_payload
+from ncz.format.entropy import read_symbols
 
 from .representation import (
     Encoded,
@@ -110,6 +111,28 @@ def decode_tensor(head: SectionInfo, reader: Reader) -> torch.Tensor:
     return torch.frombuffer(data, dtype=dtype).reshape(head.params["shape"])
 
 
+def _plane(reader: Reader, head: SectionInfo, k: int, count: int) -> np.ndarray:
+    """Plane ``k`` as uint8 values (uint8 array, or int32 symbols checked to lie in 0..255)."""
+    name = part_name(head.name, f"p{k}")
+    info = reader.info(name) if name in reader else None
+    if info is not None and info.kind == Kind.PART and info.codec in (Codec.ANS, Codec.RANGE) \
+            and info.params.get("dtype") == "int32":
+        plane = read_symbols(reader, name)  # straight to an int32 array: no detour through bytes
+    else:
+        plane = read_part(reader, head, f"p{k}")
+    if plane.shape != (count,):
+        raise InputError(f"{reader.name}: plane {name!r} has {plane.size} bytes, expected {count}")
+    if plane.dtype == np.int32:  # symbols; one pass: a negative int32 is a large uint32
+        outside = plane.size and int(plane.view(np.uint32).max()) > 255
+    elif plane.dtype != np.uint8:
+        outside = plane.size and (plane.min() < 0 or plane.max() > 255)
+    else:
+        outside = False
+    if outside:
+        raise InputError(f"{reader.name}: plane {k} of {head.name!r} holds values outside 0..255")
+    return plane
+
+
 def decode_byte_planes(head: SectionInfo, reader: Reader) -> torch.Tensor:
     dtype_str = head.params["dtype"]
     if dtype_str not in _ITEMSIZE:
@@ -117,17 +140,11 @@ def decode_byte_planes(head: SectionInfo, reader: Reader) -> torch.Tensor:
     size = _ITEMSIZE[dtype_str]
     shape = head.params["shape"]
     count = int(np.prod(shape, dtype=np.int64))
-    out = np.empty((count, size), dtype=np.uint8)
+    out = np.empty((count, size), dtype=np.uint8)  # the tensor's bytes; each plane fills one column
     for k in range(size):
-        plane = read_part(reader, head, f"p{k}")
-        if plane.shape != (count,):
-            raise InputError(f"{reader.name}: plane {part_name(head.name, f'p{k}')!r} has {plane.size} bytes, expected {count}")
-        if plane.dtype != np.uint8:
-            if plane.size and (plane.min() < 0 or plane.max() > 255):
-                raise InputError(f"{reader.name}: plane {k} of {head.name!r} holds values outside 0..255")
-        out[:, k] = plane
-    return torch.frombuffer(bytearray(out.tobytes()), dtype=torch_dtype(dtype_str)).reshape(shape) if count else \
-        torch.empty(shape, dtype=torch_dtype(dtype_str))
+        out[:, k] = _plane(reader, head, k, count)
+    # little-endian bytes reinterpreted in place (numpy has no bfloat16, torch views any float)
+    return torch.from_numpy(out.reshape(-1)).view(torch_dtype(dtype_str)).reshape(shape)
 
 
 register_decoder(Kind.TENSOR, decode_tensor)

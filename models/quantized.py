@@ -504,10 +504,10 @@ def unpair_symbols(symbols: np.ndarray, k: int, count: int, where: str) -> np.nd
     s = symbols.astype(np.int32, copy=False)
     if s.size and int(s.min()) < 0:
         raise InputError(f"{where}: negative pair symbol")
-    h, shift = k // 2, k.bit_length() - 1  # K is a power of two
-    out = np.empty(2 * s.size, np.int32)
-    out[0::2] = (s >> shift) - h
-    out[1::2] = (s & (k - 1)) - h
+    h = k // 2
+    # one gather from the K² × 2 table of (a, b); escaped symbols (clipped here) are set below
+    pairs = np.stack(np.divmod(np.arange(k * k, dtype=np.int32), np.int32(k)), axis=1) - np.int32(h)
+    out = np.take(pairs, s, axis=0, mode="clip").reshape(-1)
     escaped = np.flatnonzero(s >= k * k)
     if escaped.size:
         v = s[escaped].astype(np.int64) - k * k
@@ -603,7 +603,12 @@ def decode_quantized(head: SectionInfo, reader: Reader) -> torch.Tensor:
     count = int(np.prod(shape, dtype=np.int64))
     rows = shape[0] if len(shape) >= 2 else 1
     cols = count // rows if rows else 0
-    q = read_part(reader, head, "q", dtype="int32")
+    q_info = reader.info(part_name(head.name, "q")) if part_name(head.name, "q") in reader else None
+    if q_info is not None and q_info.kind == Kind.PART and q_info.params.get("dtype") == "int32" \
+            and q_info.codec in (Codec.ANS, Codec.RANGE):
+        q = read_symbols(reader, q_info.name)  # straight from the coder, no copy through bytes
+    else:
+        q = read_part(reader, head, "q", dtype="int32")
     step_info = reader.info(part_name(head.name, "step")) if part_name(head.name, "step") in reader else None
     if step_info is not None and step_info.params.get("dtype") == "float32":  # steps stored as floats
         steps = read_part(reader, head, "step", dtype="float32").astype(np.float32)

@@ -171,6 +171,85 @@ def test_short_streams_are_not_silently_zeros(coder):
         assert E.encode(decoded, model, coder) == piece  # a different, genuinely encoded message
 
 
+def _mutations(stream: bytes, rng: np.random.Generator) -> list[bytes]:
+    """Truncations, paddings, word drops and swaps, bit flips and random tails of ``stream``."""
+    words = len(stream) // 4
+    out = [stream[:4 * k] for k in range(words)] + [stream[4 * k:] for k in range(1, words + 1)]
+    out += [stream + bytes(4), stream + b"\x01\x00\x00\x00", stream + rng.bytes(4), stream + rng.bytes(8)]
+    for _ in range(12):
+        bad = bytearray(stream + rng.bytes(4 * int(rng.integers(0, 3))))
+        if bad:
+            bad[int(rng.integers(0, len(bad)))] ^= 1 << int(rng.integers(0, 8))
+        out.append(bytes(bad))
+        if words >= 2:
+            k = int(rng.integers(0, words - 1))
+            out.append(stream[:4 * k] + stream[4 * k + 4:])  # a word dropped
+            out.append(stream[:4 * k] + stream[4 * k + 4:4 * k + 8] + stream[4 * k:4 * k + 4] + stream[4 * k + 8:])
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_ans_accepts_exactly_the_encodings_of_what_it_decodes(data):
+    """ANS decoding checks canonicality by the coder ending empty, not by re-encoding:
+    whatever it accepts must still be exactly the encoding of what it returns."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    n = data.draw(st.integers(0, 400))
+    width = data.draw(st.sampled_from([0.3, 3.0, 200.0]))
+    symbols = np.round(rng.normal(0, width, n)).astype(np.int32)
+    if n and data.draw(st.booleans()):  # escapes: values outside the fitted window
+        symbols[rng.integers(0, n, 3)] = rng.integers(-(2**31), 2**31 - 1, 3, dtype=np.int64)
+    if data.draw(st.booleans()):
+        model = E.CategoricalModel.fit(symbols[: max(1, n // 2)] if n else np.zeros(1, np.int32))
+    else:
+        tables = tuple(fit_table(np.round(rng.normal(0, s, 300)).astype(int)) for s in (0.5, 5.0))
+        model = E.IndexedModel(tables, rng.integers(0, 2, n), rng.integers(-3, 3, n))
+    stream = E.encode(symbols, model, E.Coder.ANS)
+    assert np.array_equal(E.decode(stream, model, n), symbols)
+    for piece in _mutations(stream, rng):
+        try:
+            decoded = E.decode(piece, model, n)
+        except nf.StreamError:
+            continue
+        assert decoded.dtype == np.int32 and decoded.shape == (n,)
+        assert E.encode(decoded, model, E.Coder.ANS) == piece
+
+
+def test_ans_decode_returns_escapes_and_int32_extremes():
+    table = fit_table(np.arange(-3, 4))
+    model = E.CategoricalModel(table)
+    symbols = np.array([0, -(2**31), 2**31 - 1, 3, -3, 1000, 0], np.int32)
+    out = E.decode(E.encode(symbols, model), model, symbols.size)
+    assert out.dtype == np.int32 and np.array_equal(out, symbols)
+    four = fit_table(np.arange(4))
+    high = E.CategoricalModel(FrequencyTable(2**31 - 4, four.freqs, escape=True))  # regular range up to 2^31 - 1
+    top = np.array([2**31 - 1, 2**31 - 4, 5, 2**31 - 2], np.int32)
+    assert np.array_equal(E.decode(E.encode(top, high), high, top.size), top)
+
+
+@pytest.mark.parametrize("codec", [nf.Codec.ANS, nf.Codec.RANGE])
+def test_read_symbols_is_read_without_bytes(codec):
+    rng = np.random.default_rng(4)
+    ints = np.round(rng.normal(0, 30, 5000)).astype("<i4")
+    ints[7] = 2**31 - 1  # an escape
+    latents = np.round(rng.normal(0, 2, 100)).astype(np.int32)
+    model = E.ConditionalModel.from_mean_scale(Family.GAUSSIAN, np.zeros(100), np.full(100, 2.0))
+    buffer = io.BytesIO()
+    with nf.Writer(buffer) as writer:
+        writer.add("q", ints.tobytes(), kind=nf.Kind.TENSOR, codec=codec, params={"dtype": "int32", "shape": [5000]})
+        writer.add("raw", ints.tobytes(), kind=nf.Kind.TENSOR, params={"dtype": "int32", "shape": [5000]})
+        E.write_conditional(writer, "y", latents, model, codec=codec, kind=nf.Kind.BLOB)
+    with nf.open_bytes(buffer.getvalue()) as reader:
+        symbols = E.read_symbols(reader, "q")
+        assert symbols.dtype == np.int32 and symbols.flags.writeable
+        assert np.array_equal(symbols, np.frombuffer(reader.read("q"), "<i4"))
+        assert np.array_equal(symbols, ints)
+        with pytest.raises(nf.FormatError, match="not an entropy codec"):
+            E.read_symbols(reader, "raw")
+        with pytest.raises(nf.UsageError, match="conditional"):
+            E.read_symbols(reader, "y")
+
+
 # -- sections ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("codec", [nf.Codec.ANS, nf.Codec.RANGE])

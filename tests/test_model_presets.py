@@ -58,6 +58,18 @@ def _set_part(path, out, part, symbols: np.ndarray, shape):
     _rewrite(path, out, change)
 
 
+def _set_sections(path, out, sections: dict):
+    """Copy an archive with the sections named in ``sections`` re-encoded as ``(data, codec, params)``."""
+    def change(info, reader, writer):
+        if info.name not in sections:
+            return False
+        data, codec, params = sections[info.name]
+        writer.add(info.name, data, kind=info.kind, codec=codec, params=params)
+        return True
+
+    _rewrite(path, out, change)
+
+
 # --- step codes ------------------------------------------------------------------
 
 
@@ -180,6 +192,22 @@ def test_hostile_pairs_are_refused(tmp_path):
         load_state_dict(tmp_path / "d.ncz")
 
 
+def test_paired_indices_in_any_codec(tmp_path):
+    w = torch.randn(1 << 20 | 1)
+    path = tmp_path / "p.ncz"
+    pack({"w": w}, path, recipe=_recipe(rel_error=0.2, granularity="tensor"))
+    expected = load_state_dict(path)["w"]
+    with nf.open(path) as reader:
+        info = reader.info("w#q")
+        assert info.codec == Codec.ANS
+        q = reader.read("w#q")
+    _set_sections(path, tmp_path / "raw.ncz", {"w#q": (q, Codec.RAW, info.params)})
+    assert torch.equal(load_state_dict(tmp_path / "raw.ncz")["w"], expected)
+    _set_sections(path, tmp_path / "u8.ncz", {"w#q": (q, Codec.RAW, {"dtype": "uint8", "shape": [len(q)]})})
+    with pytest.raises(nf.InputError, match="expected 'int32'"):
+        load_state_dict(tmp_path / "u8.ncz")
+
+
 def test_hostile_step_codes_are_refused(tmp_path):
     path = tmp_path / "s.ncz"
     pack({"w": torch.randn(64, 96)}, path, recipe=_recipe(rel_error=0.01, granularity="rowcol"))
@@ -230,6 +258,38 @@ def test_lossless_large_structured_tensor_is_exact_and_compressed(tmp_path):
     back = load_state_dict(path)["w"]
     assert torch.equal(back.view(torch.int32), w.view(torch.int32))
     assert report.tensors[0].stored_bytes < 0.5 * w.numel() * 4
+
+
+def test_byte_planes_in_any_codec_and_out_of_range_symbols(tmp_path):
+    torch.manual_seed(3)
+    w = torch.randn(64, 64) * 0.02
+    path = tmp_path / "l.ncz"
+    pack({"w": w}, path, recipe="lossless")
+    with nf.open(path) as reader:
+        assert reader.info("w").kind == nf.Kind.BYTE_PLANES
+        assert reader.info("w#p3").codec == Codec.ANS
+        planes = [np.frombuffer(reader.read(f"w#p{k}"), "<i4" if reader.info(f"w#p{k}").params["dtype"] == "int32"
+                                else np.uint8).astype(np.int32) for k in range(4)]
+    n = w.numel()
+
+    def part(values, codec, dtype="int32"):
+        return np.asarray(values, "<i4" if dtype == "int32" else np.uint8).tobytes(), codec, {"dtype": dtype, "shape": [n]}
+
+    # the planes as ANS, RANGE, raw int32 and zstd uint8: the same tensor
+    codecs = [(Codec.ANS, "int32"), (Codec.RANGE, "int32"), (Codec.RAW, "int32"), (Codec.ZSTD, "uint8")]
+    _set_sections(path, tmp_path / "any.ncz", {f"w#p{k}": part(planes[k], *codecs[k]) for k in range(4)})
+    assert torch.equal(load_state_dict(tmp_path / "any.ncz")["w"].view(torch.int32), w.view(torch.int32))
+    for bad in (256, -1, 2**31 - 1):
+        for codec in (Codec.ANS, Codec.RAW):
+            values = planes[3].copy()
+            values[5] = bad
+            _set_sections(path, tmp_path / "bad.ncz", {"w#p3": part(values, codec)})
+            with pytest.raises(nf.InputError, match="outside 0..255"):
+                load_state_dict(tmp_path / "bad.ncz")
+    _set_sections(path, tmp_path / "short.ncz", {"w#p3": (np.asarray(planes[3][:-1], "<i4").tobytes(), Codec.ANS,
+                                                          {"dtype": "int32", "shape": [n - 1]})})
+    with pytest.raises(nf.InputError, match=f"expected {n}"):
+        load_state_dict(tmp_path / "short.ncz")
 
 
 # --- presets ---------------------------------------------------------------------
