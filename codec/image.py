@@ -151,7 +151,6 @@ def decode_section(reader: Reader, name: str, runtime: CodecRuntime,
     w, h, c, q, lengths = _check(info, runtime, where)
     payload = reader.read(name)
     out = np.empty((h, w, 3), np.uint8)
-    net = runtime.net
     cursor = 0
     tiles = _tiles(h, w)
     for index, (top, left, th, tw) in enumerate(tiles):
@@ -165,7 +164,7 @@ def decode_section(reader: Reader, name: str, runtime: CodecRuntime,
         mean, raw_scale = runtime.int_hs(z_hat.astype(np.int64))
         symbols = E.decode(y_stream, _y_model((mean, raw_scale)), where=f"{where} y stream")
         y_hat = torch.from_numpy((symbols.reshape(mean.shape[1:]) + mean[0]).astype(np.float32))[None]
-        x_hat = crop(net.synthesis(y_hat, q), (th, tw)).clamp_(0, 1)
+        x_hat = crop(runtime.synthesize(y_hat, q), (th, tw)).clamp_(0, 1)
         out[top:top + th, left:left + tw] = (x_hat[0].permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
         if progress:
             progress(index + 1, len(tiles))

@@ -32,7 +32,7 @@ from ncz.format.entropy_tables import FrequencyTable, quantize_masses
 from ncz.models import Recipe, load_state_dict, pack
 
 from .integer import IntegerHyperSynthesis, IntegerLayer
-from .networks import CodecConfig, HyperpriorCodec
+from .networks import CodecConfig, HyperpriorCodec, inference_synthesis
 
 __all__ = ["CodecRuntime", "export_codec", "load_codec", "default_weights_path", "build_z_tables"]
 
@@ -56,6 +56,16 @@ class CodecRuntime:
     int_hs: IntegerHyperSynthesis
     z_tables: tuple[FrequencyTable, ...]
     path: Path | None = None
+    g_s: torch.nn.Module | None = None  # decode-only synthesis (inference_synthesis(net.g_s)), built on load
+
+    def __post_init__(self) -> None:
+        if self.g_s is None:
+            self.g_s = inference_synthesis(self.net.g_s)
+
+    def synthesize(self, y_hat: torch.Tensor, quality: float) -> torch.Tensor:
+        """x̂ = g_s(ŷ · inv_gain(q)) in float32 through the decode-only transform (not clamped)."""
+        with torch.no_grad():
+            return self.g_s(y_hat * self.net.gains.inv_gain(quality))
 
 
 def build_z_tables(net: HyperpriorCodec, tail_mass: float = 1e-9) -> tuple[FrequencyTable, ...]:

@@ -212,3 +212,25 @@ def test_thread_tuner_switches_to_faster_setting():
         assert tuner.current == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_subpixel_deconv_is_the_same_function():
+    from ncz.codec.networks import SubpixelDeconv
+
+    torch.manual_seed(3)
+    deconv = torch.nn.ConvTranspose2d(6, 5, 5, stride=2, padding=2, output_padding=1)
+    x = torch.randn(2, 6, 7, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(SubpixelDeconv(deconv)(x), deconv(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        SubpixelDeconv(torch.nn.ConvTranspose2d(6, 5, 3, stride=2, padding=1, output_padding=1))
+
+
+def test_inference_synthesis_matches_training_synthesis():
+    from ncz.codec.networks import SynthesisTransform, inference_synthesis
+
+    torch.manual_seed(4)
+    g_s = SynthesisTransform(16, 24).eval()
+    y = torch.randn(1, 24, 4, 6) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(inference_synthesis(g_s)(y), g_s(y), rtol=1e-4, atol=1e-5)
