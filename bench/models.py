@@ -413,7 +413,7 @@ DEFAULT_PROBES = (0.01, 0.02, 0.05)
 DERIVE_TARGETS = (0.0009, 0.005, 0.018)  # total drops behind q8, q4, small
 
 
-def derive_allocation(model, tokenizer, sentences: int = 300) -> dict[str, Any]:
+def derive_allocation(model, tokenizer, sentences: int = 300, calibration=None) -> dict[str, Any]:
     """Per-class sensitivity and the per-class relative errors behind the presets.
 
     On the first ``sentences`` CLINC150 *validation* queries (the test queries
@@ -426,6 +426,11 @@ def derive_allocation(model, tokenizer, sentences: int = 300) -> dict[str, Any]:
     Lagrange multiplier over a grid of e (equal marginal drop per bit). Classes
     whose drop is below 1e-7 at every probe (unused here, e.g. BERT's pooler for
     sentence embeddings) get the most conservative error of the others.
+
+    With ``calibration`` each probe is packed with it (``rel_error`` is then the
+    target of the plain-rounding reference whose output error is met) and the
+    bits are the coded bits of the archive's tensors: the allocation behind the
+    presets' ``calibrated_rel_error``.
     """
     from ncz.models.quantized import dequantize, quantize_codes
     from ncz.models.recipe import TENSOR_CLASSES
@@ -443,7 +448,16 @@ def derive_allocation(model, tokenizer, sentences: int = 300) -> dict[str, Any]:
     for cls, names in members.items():
         for e in PROBES.get(cls, DEFAULT_PROBES):
             trial, bits, count = {}, 0.0, 0
-            for name in names:
+            if calibration is not None:
+                from ncz.models import Recipe, load_state_dict, pack, tiered
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    report = pack({n: state[n] for n in names}, Path(tmp) / "probe.ncz",
+                                  recipe=Recipe.from_dict(tiered({cls: e}), "probe"), calibration=calibration)
+                    trial = load_state_dict(Path(tmp) / "probe.ncz")
+                bits = 8.0 * sum(t.stored_bytes for t in report.tensors)
+                count = sum(t.numel for t in report.tensors)
+            for name in (names if calibration is None else ()):
                 w = state[name].float().numpy().reshape(state[name].shape[0], -1)
                 result = quantize_codes(w, rel_error=e, granularity=granularity[cls])
                 trial[name] = torch.from_numpy(dequantize(result.q, result.steps, granularity[cls])).reshape(
@@ -593,12 +607,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--derive", action="store_true",
                         help="measure per-class sensitivity on validation sentences and print the allocation "
                              "behind the presets (writes models_derivation.json instead)")
+    parser.add_argument("--derive-calibrated", action="store_true",
+                        help="the same with calibrated packing (--calibration-sentences CLINC150 training "
+                             "queries): the presets' calibrated_rel_error (models_derivation_calibrated.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.derive:
+    if args.derive or args.derive_calibrated:
         model, tokenizer, _ = load_minilm()
-        derivation = _round(derive_allocation(model, tokenizer))
-        out = args.out.with_name("models_derivation.json")
+        calibration = None
+        if args.derive_calibrated:
+            from ncz.models import calibrate
+
+            texts = calibration_sentences(args.calibration_sentences)
+            calibration = calibrate(model, [encoded for _, encoded in make_batches(tokenizer, texts)],
+                                    source=f"CLINC150 train, {len(texts)} queries")
+        derivation = _round(derive_allocation(model, tokenizer, calibration=calibration))
+        out = args.out.with_name("models_derivation_calibrated.json" if calibration else "models_derivation.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(derivation, indent=1) + "\n", encoding="utf-8")
         print(json.dumps(derivation, indent=1))

@@ -528,11 +528,15 @@ def _restored_error(tensor: torch.Tensor, q: np.ndarray, steps: Steps, granulari
 
 
 def encode_quantized(name: str, tensor: torch.Tensor, *, rel_error: float | None = None, bits: float | None = None,
-                     granularity: str = "channel", group_size: int = 64, calibration=None) -> Encoded:
+                     granularity: str = "channel", group_size: int = 64, calibration=None,
+                     calibrated_rel_error: float | None = None) -> Encoded:
     """Quantize ``tensor`` (see the module docstring); with ``calibration`` (a
     :class:`ncz.models.calibration.TensorCalibration`) and a ``rel_error`` target, the
-    output error of plain rounding at ``rel_error`` is met with fewer bits
-    (:func:`quantize_calibrated`)."""
+    output error of plain rounding at ``rel_error`` — or at ``calibrated_rel_error``
+    when given, the recipe's allocation for calibrated packing — is met with fewer
+    bits (:func:`quantize_calibrated`)."""
+    if calibration is not None and calibrated_rel_error is not None and rel_error is not None:
+        rel_error = calibrated_rel_error
     if not tensor.is_floating_point():
         raise UsageError(f"{name}: only floating-point tensors can be quantized")
     if granularity not in GRANULARITIES:

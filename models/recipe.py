@@ -139,10 +139,13 @@ TENSOR_CLASSES: tuple[tuple[str, tuple[str, ...], str], ...] = (
 )
 
 
-def tiered(rel_errors: dict[str, float]) -> dict[str, Any]:
+def tiered(rel_errors: dict[str, float], calibrated: dict[str, float] | None = None) -> dict[str, Any]:
     """A recipe dict quantizing each tensor class of :data:`TENSOR_CLASSES` at its
-    ``rel_errors[class]`` (classes left out fall through to later rules), the rest lossless."""
-    unknown = set(rel_errors) - {name for name, _, _ in TENSOR_CLASSES}
+    ``rel_errors[class]`` (classes left out fall through to later rules), the rest lossless.
+    ``calibrated[class]`` is the class's ``calibrated_rel_error``: the target used instead
+    when the archive is packed with calibration statistics."""
+    calibrated = calibrated or {}
+    unknown = (set(rel_errors) | set(calibrated)) - {name for name, _, _ in TENSOR_CLASSES}
     if unknown:
         raise UsageError(f"unknown tensor classes {sorted(unknown)}")
     rules: list[dict[str, Any]] = []
@@ -150,8 +153,11 @@ def tiered(rel_errors: dict[str, float]) -> dict[str, Any]:
         if name not in rel_errors:
             continue
         for pattern in patterns:
-            rules.append({"pattern": pattern, "ndim": [2, 3, 4], "min_numel": 4096, "representation": "quantized",
-                          "rel_error": float(rel_errors[name]), "granularity": granularity})
+            rule = {"pattern": pattern, "ndim": [2, 3, 4], "min_numel": 4096, "representation": "quantized",
+                    "rel_error": float(rel_errors[name]), "granularity": granularity}
+            if name in calibrated:
+                rule["calibrated_rel_error"] = float(calibrated[name])
+            rules.append(rule)
     rules.append({"pattern": "*", "representation": "lossless"})
     return {"rule": rules}
 
@@ -168,12 +174,26 @@ def tiered(rel_errors: dict[str, float]) -> dict[str, Any]:
 # Measured on the first 1,000 CLINC150 *test* sentences (bench/results/models.json):
 # q8 5.27 bits/weight at cosine 0.99901, q4 4.06 at 0.9945, small 3.16 at 0.9807;
 # NNCodec 2.1.3 (DQ) needs 6.27 / 4.96 / 4.02 bits at those cosines.
+# ``calibrated``: the same derivation with every probe packed with a calibration from 2,000
+# CLINC150 training queries (`python bench/models.py --derive-calibrated`,
+# bench/results/models_derivation_calibrated.json): GPTQ makes the linear layers cheaper per unit
+# of drop, frequency weighting the embeddings, so the balance moves (embeddings coarser, FFN output
+# finer).
 PRESETS: dict[str, dict[str, Any]] = {
     "lossless": {"rule": [{"pattern": "*", "representation": "lossless"}]},
     "q8": tiered({"token_embedding": 0.07, "position_embedding": 0.019, "attention_qk": 0.023, "attention_v": 0.0108,
-                  "attention_out": 0.0096, "ffn_in": 0.0123, "ffn_out": 0.0152, "other": 0.0096}),
+                  "attention_out": 0.0096, "ffn_in": 0.0123, "ffn_out": 0.0152, "other": 0.0096},
+                 calibrated={"token_embedding": 0.0877, "position_embedding": 0.0593, "attention_qk": 0.022,
+                             "attention_v": 0.0115, "attention_out": 0.01, "ffn_in": 0.0115, "ffn_out": 0.0118,
+                             "other": 0.01}),
     "q4": tiered({"token_embedding": 0.16, "position_embedding": 0.046, "attention_qk": 0.055, "attention_v": 0.026,
-                  "attention_out": 0.023, "ffn_in": 0.029, "ffn_out": 0.036, "other": 0.023}),
+                  "attention_out": 0.023, "ffn_in": 0.029, "ffn_out": 0.036, "other": 0.023},
+                 calibrated={"token_embedding": 0.207, "position_embedding": 0.137, "attention_qk": 0.0509,
+                             "attention_v": 0.0269, "attention_out": 0.0236, "ffn_in": 0.0272, "ffn_out": 0.028,
+                             "other": 0.0236}),
     "small": tiered({"token_embedding": 0.30, "position_embedding": 0.09, "attention_qk": 0.106, "attention_v": 0.05,
-                     "attention_out": 0.0445, "ffn_in": 0.056, "ffn_out": 0.068, "other": 0.0445}),
+                     "attention_out": 0.0445, "ffn_in": 0.056, "ffn_out": 0.068, "other": 0.0445},
+                    calibrated={"token_embedding": 0.391, "position_embedding": 0.257, "attention_qk": 0.0946,
+                                "attention_v": 0.0505, "attention_out": 0.0446, "ffn_in": 0.0514, "ffn_out": 0.0529,
+                                "other": 0.0446}),
 }

@@ -174,3 +174,22 @@ def test_cli_pack_with_calibration(tmp_path, capsys):
                  "--calibration", str(tmp_path / "toy.pt")]) == 1
     err = capsys.readouterr().err
     assert "toy.pt" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_calibrated_rel_error_applies_only_with_calibration(tmp_path):
+    model = _toy()
+    cal = calibrate(model, _batches(7, count=3), source="toy")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def recipe(extra: dict) -> Recipe:
+        return Recipe.from_dict({"rule": [
+            {"pattern": "*", "ndim": 2, "representation": "quantized", "rel_error": 0.01, "granularity": "rowcol",
+             **extra},
+            {"pattern": "*", "representation": "lossless"}]}, "t")
+
+    plain = pack(state, tmp_path / "a.ncz", recipe=recipe({}))
+    ignored = pack(state, tmp_path / "b.ncz", recipe=recipe({"calibrated_rel_error": 0.1}))
+    assert (tmp_path / "a.ncz").read_bytes() == (tmp_path / "b.ncz").read_bytes()
+    tight = pack(state, tmp_path / "c.ncz", recipe=recipe({}), calibration=cal)
+    loose = pack(state, tmp_path / "d.ncz", recipe=recipe({"calibrated_rel_error": 0.1}), calibration=cal)
+    assert loose.file_bytes < tight.file_bytes < plain.file_bytes == ignored.file_bytes
