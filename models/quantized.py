@@ -401,31 +401,32 @@ def quantize_calibrated(w: np.ndarray, reference: Quantized, calibration, granul
         hessian = torch.from_numpy(np.asarray(calibration.hessian, dtype=np.float32))
         order = act_order(calibration.hessian)
         factor = damped_inverse_factor(calibration.hessian, order)
-        rows = w32.shape[0]
-        sample = np.unique(np.linspace(0, rows - 1, min(rows, 96)).round().astype(np.int64))
-        target_sample = output_error(ref_delta[sample], hessian)
-
-        def full_steps(base: float, idx=slice(None)) -> np.ndarray:
-            steps = _decoder_steps(reference.row_codes, reference.col_codes, base)
-            full = _expand(steps, w32.shape, granularity, group_size)
-            return np.broadcast_to(full, w32.shape)[idx]
-
-        def error_at(base: float, idx=sample) -> float:
-            st = full_steps(base, idx)
-            q = gptq_round(w32[idx], st, factor, order)
-            return output_error(w32[idx] - q.astype(np.float32) * st, hessian)
-
-        base = _secant_base(error_at, target_sample, reference.base, rounds=5)
         target = output_error(ref_delta, hessian)
-        for _ in range(6):  # the sample's base on the whole tensor; tighten if it overshoots
+
+        def full_steps(base: float) -> np.ndarray:
+            steps = _decoder_steps(reference.row_codes, reference.col_codes, base)
+            return np.broadcast_to(_expand(steps, w32.shape, granularity, group_size), w32.shape)
+
+        # GPTQ's own loss estimate (OBS: rounding column j adds e²ⱼ / U²ⱼⱼ) with uniform rounding
+        # noise s²/12 gives the first base; a few exact corrections (error ∝ base²) follow.
+        inverse_u2 = np.empty(w32.shape[1])
+        inverse_u2[order] = 1.0 / np.square(np.diagonal(factor.numpy()))
+        predicted = float(np.sum(np.square(full_steps(1.0), dtype=np.float64) * inverse_u2[None, :])) / 12
+        base = math.sqrt(target / predicted) if predicted > 0 and target > 0 else reference.base
+        best = None
+        for _ in range(6):
             st = full_steps(base)
-            q = gptq_round(w32, st, factor, order)
-            err = output_error(w32 - q.astype(np.float32) * st, hessian)
+            q_try = gptq_round(w32, st, factor, order)
+            err = output_error(w32 - q_try.astype(np.float32) * st, hessian)
             if err <= target:
-                break
-            base *= 0.99 * math.sqrt(target / err)
-        else:
+                if best is None or base > best[0]:
+                    best = (base, q_try)
+                if err >= 0.97 * target:  # within 1.5 % of the step: not worth another round
+                    break
+            base *= math.sqrt(0.985 * target / err) if err > 0 else 2.0  # aim inside [0.97, 1] × target
+        if best is None:
             return reference, granularity
+        base, q = best
         steps = _decoder_steps(reference.row_codes, reference.col_codes, base)
         rel = math.sqrt(float(np.sum(np.square(w32 - dequantize(q, steps, granularity, group_size),
                                                 dtype=np.float64)))) / norm
