@@ -60,7 +60,7 @@ pure functions of their inputs (no noise, no state) for the actual coding path.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch

@@ -612,3 +612,24 @@ def open(path: str | os.PathLike[str], *, limits: Limits | None = None) -> Reade
 def open_bytes(data: bytes, *, name: str = "<bytes>", limits: Limits | None = None) -> Reader:
     """Validate an .ncz image held in memory (stdin, network, fuzzing)."""
     return Reader(bytes(data), name=name, limits=limits)
+
+
+def atomic_write(path: str | os.PathLike[str], fill) -> None:
+    """Write a file through ``fill(handle)`` into a temporary file next to ``path``, then
+    rename it over ``path``: readers see the old file or the whole new one, and a failure
+    (any exception, Ctrl-C) leaves no partial file behind. For outputs that are not
+    containers (decoded images, unpacked checkpoints); :class:`Writer` does the same itself.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fill(handle)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

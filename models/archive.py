@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ncz.format import InputError, Kind, Reader, UsageError, Writer
+from ncz.format import InputError, Kind, Reader, UsageError, Writer, atomic_write
 from ncz.format import open as open_archive
 
 import importlib
@@ -302,7 +301,7 @@ def unpack(path: str | os.PathLike[str], output: str | os.PathLike[str], progres
             tensors[name] = tensor
             if progress:
                 progress(index + 1, len(heads), name)
-        _atomic_write(output, lambda handle: torch.save(tensors, handle))
+        atomic_write(output, lambda handle: torch.save(tensors, handle))
         return len(tensors)
 
     header: dict[str, Any] = {"__metadata__": {"format": "pt", "source": "ncz"}}
@@ -327,20 +326,5 @@ def unpack(path: str | os.PathLike[str], output: str | os.PathLike[str], progres
             if progress:
                 progress(index + 1, len(heads), name)
 
-    _atomic_write(output, write)
+    atomic_write(output, write)
     return len(heads)
-
-
-def _atomic_write(path: Path, fill: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fill(handle)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

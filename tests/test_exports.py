@@ -8,7 +8,8 @@ import pytest
 
 EXPECTED = {
     "ncz.format": {
-        "ALIGNMENT", "MAGIC", "VERSION", "Limits", "Reader", "SectionInfo", "Writer", "open", "open_bytes",
+        "ALIGNMENT", "MAGIC", "VERSION", "Limits", "Reader", "SectionInfo", "Writer", "atomic_write", "open",
+        "open_bytes",
         "EncodedPayload", "encode_payload",
         "Codec", "Kind", "SectionFlag", "NczError", "FormatError", "TruncatedError", "UnsupportedError",
         "VersionError", "ChecksumError", "LimitError", "StreamError", "InputError", "UsageError",

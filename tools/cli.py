@@ -256,7 +256,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from ncz.codec import decode_section, load_codec
     from ncz.codec.imageio import format_for, write_image
     from ncz.format import InputError, Kind, open_bytes
-    from ncz.models.archive import _atomic_write
+    from ncz.format import atomic_write
 
     reader = open_bytes(sys.stdin.buffer.read(), name="<stdin>") if args.input == "-" else open_archive(args.input)
     with reader:
@@ -270,14 +270,14 @@ def cmd_decode(args: argparse.Namespace) -> int:
                 write_image(pixels, sys.stdout.buffer, fmt="PNG")
             else:
                 fmt = format_for(args.output)
-                _atomic_write(Path(args.output), lambda h: write_image(pixels, h, fmt=fmt))
+                atomic_write(Path(args.output), lambda h: write_image(pixels, h, fmt=fmt))
         else:
             folder = Path(args.output)
             folder.mkdir(parents=True, exist_ok=True)
             fmt = format_for(f"x.{args.format}")
             for name in names:
                 pixels = decode_section(reader, name, runtime)
-                _atomic_write(folder / f"{name}.{args.format}", lambda h: write_image(pixels, h, fmt=fmt))
+                atomic_write(folder / f"{name}.{args.format}", lambda h: write_image(pixels, h, fmt=fmt))
     if args.verbose:
         print(f"ncz: decoded {len(names)} image(s) to {args.output}", file=sys.stderr)
     return 0
