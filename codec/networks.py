@@ -70,6 +70,7 @@ from torch import Tensor
 
 __all__ = [
     "SubpixelDeconv",
+    "subpixel_kernel",
     "inference_synthesis",
     "CodecConfig",
     "DEFAULT_LAMBDAS",
@@ -272,6 +273,26 @@ def _deconv(cin: int, cout: int, k: int = 5, stride: int = 2) -> nn.ConvTranspos
     return nn.ConvTranspose2d(cin, cout, k, stride=stride, padding=k // 2, output_padding=stride - 1)
 
 
+def subpixel_kernel(weight: Tensor) -> Tensor:
+    """The 3x3 kernel (4·out, in, 3, 3) of a 5x5 stride-2 transposed conv's weight (in, out, 5, 5)
+    for conv(padding 1) + pixel_shuffle(2): output phase (a, b) reads input offset d ∈ {−1, 0, 1}
+    with kernel tap 4 + a − 2(d + 1) (zero where that falls outside 0…4). Same dtype; every
+    output is a sum of exactly the same products, so integer inputs give identical integers."""
+    cin, cout = weight.shape[:2]
+    kernel = torch.zeros(cout, 2, 2, cin, 3, 3, dtype=weight.dtype)
+    for a in range(2):
+        for t in range(3):
+            ky = a + 4 - 2 * t
+            if not 0 <= ky <= 4:
+                continue
+            for b in range(2):
+                for u in range(3):
+                    kx = b + 4 - 2 * u
+                    if 0 <= kx <= 4:
+                        kernel[:, a, b, :, t, u] = weight[:, :, ky, kx].T
+    return kernel.reshape(4 * cout, cin, 3, 3).contiguous()
+
+
 class SubpixelDeconv(nn.Module):
     """A 5x5 stride-2 transposed conv (padding 2, output padding 1) as one 3x3 conv to
     4x the channels followed by a pixel shuffle: the same function (each output phase
@@ -285,21 +306,10 @@ class SubpixelDeconv(nn.Module):
         if (deconv.kernel_size, deconv.stride, deconv.padding, deconv.output_padding, deconv.groups) != \
                 ((5, 5), (2, 2), (2, 2), (1, 1), 1):
             raise ValueError("SubpixelDeconv handles 5x5 stride-2 transposed convs with padding 2, output padding 1")
-        w = deconv.weight.detach().float()  # (in, out, 5, 5)
-        cin, cout = w.shape[:2]
-        kernel = torch.zeros(cout, 2, 2, cin, 3, 3)
-        for a in range(2):
-            for t in range(3):
-                ky = a + 4 - 2 * t
-                if not 0 <= ky <= 4:
-                    continue
-                for b in range(2):
-                    for u in range(3):
-                        kx = b + 4 - 2 * u
-                        if 0 <= kx <= 4:
-                            kernel[:, a, b, :, t, u] = w[:, :, ky, kx].T
+        kernel = subpixel_kernel(deconv.weight.detach().float())
+        cin, cout = deconv.in_channels, deconv.out_channels
         self.conv = nn.Conv2d(cin, 4 * cout, 3, padding=1)
-        self.conv.weight.data = kernel.reshape(4 * cout, cin, 3, 3).contiguous()
+        self.conv.weight.data = kernel
         bias = deconv.bias.detach().float() if deconv.bias is not None else torch.zeros(cout)
         self.conv.bias.data = bias.repeat_interleave(4)
         self.requires_grad_(False)
