@@ -80,13 +80,12 @@ def encode_pixels(runtime: CodecRuntime, pixels: Pixels, quality: float,
     h, w = pixels.height, pixels.width
     if h == 0 or w == 0 or h > MAX_SIDE or w > MAX_SIDE or h * w > MAX_PIXELS:
         raise UsageError(f"image size {w}x{h} is outside 1..{MAX_SIDE} per side")
-    net = runtime.net
     streams: list[bytes] = []
     tiles = _tiles(h, w)
     for index, (top, left, th, tw) in enumerate(tiles):
         x, _ = _pad_replicate(_to_tensor(pixels.rgb[top:top + th, left:left + tw]))
-        y = net.analysis(x, float(quality))
-        z_hat = torch.round(net.hyper_analysis(y))[0].numpy().astype(np.int64)
+        y = runtime.analyze(x, float(quality))
+        z_hat = torch.round(runtime.net.hyper_analysis(y))[0].numpy().astype(np.int64)
         z_hat = np.clip(z_hat, -(2**20), 2**20)
         mean, raw_scale = runtime.int_hs(z_hat)
         symbols = np.rint(y[0].double().numpy() - mean[0]).astype(np.int32)

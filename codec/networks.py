@@ -71,7 +71,7 @@ from torch import Tensor
 __all__ = [
     "SubpixelDeconv",
     "subpixel_kernel",
-    "inference_synthesis",
+    "inference_transform",
     "CodecConfig",
     "DEFAULT_LAMBDAS",
     "SCALE_BOUND",
@@ -298,7 +298,7 @@ class SubpixelDeconv(nn.Module):
     4x the channels followed by a pixel shuffle: the same function (each output phase
     (a, b) ∈ {0,1}² reads input taps d ∈ {−1, 0, 1} with kernel tap 4 + a − 2(d + 1)),
     but a dense convolution, which CPU kernels run ~1.4–1.7x faster than a transposed one.
-    Inference only (built from a trained ``ConvTranspose2d``; see :func:`inference_synthesis`).
+    Inference only (built from a trained ``ConvTranspose2d``; see :func:`inference_transform`).
     """
 
     def __init__(self, deconv: nn.ConvTranspose2d):
@@ -334,19 +334,25 @@ class _InferenceGDN(nn.Module):
         return x * norm.sqrt_() if self.inverse else x * norm.rsqrt_()
 
 
-def inference_synthesis(g_s: nn.Sequential) -> nn.Sequential:
-    """A decode-only copy of ``g_s``: transposed convs as :class:`SubpixelDeconv`, GDNs with
-    fixed parameters. Same function up to float rounding (|Δ| ~ 1e-6 before the 8-bit output);
-    the decoder always uses it, so decoded pixels do not depend on which form was trained."""
+def inference_transform(transform: nn.Sequential) -> nn.Sequential:
+    """A coding-only copy of ``g_a`` or ``g_s``: transposed convs as :class:`SubpixelDeconv`,
+    GDNs with fixed parameters, channels-last (1.4x faster convolutions on CPU, float32
+    throughout). Same function up to float rounding (|Δ| ~ 1e-6); the decoder always uses
+    it, so decoded pixels do not depend on which form was trained."""
     layers = []
-    for layer in g_s:
+    for layer in transform:
         if isinstance(layer, nn.ConvTranspose2d):
             layers.append(SubpixelDeconv(layer))
         elif isinstance(layer, GDN):
             layers.append(_InferenceGDN(layer))
+        elif isinstance(layer, nn.Conv2d):
+            copy = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                             bias=layer.bias is not None)
+            copy.load_state_dict(layer.state_dict())
+            layers.append(copy.requires_grad_(False))
         else:
-            layers.append(layer)
-    return nn.Sequential(*layers).eval()
+            raise ValueError(f"inference_transform: unexpected layer {type(layer).__name__}")
+    return nn.Sequential(*layers).eval().to(memory_format=torch.channels_last)
 
 
 class AnalysisTransform(nn.Sequential):

@@ -226,11 +226,14 @@ def test_subpixel_deconv_is_the_same_function():
         SubpixelDeconv(torch.nn.ConvTranspose2d(6, 5, 3, stride=2, padding=1, output_padding=1))
 
 
-def test_inference_synthesis_matches_training_synthesis():
-    from ncz.codec.networks import SynthesisTransform, inference_synthesis
+def test_inference_transforms_match_the_trained_ones():
+    from ncz.codec.networks import AnalysisTransform, SynthesisTransform, inference_transform
 
     torch.manual_seed(4)
     g_s = SynthesisTransform(16, 24).eval()
+    g_a = AnalysisTransform(16, 24).eval()
     y = torch.randn(1, 24, 4, 6) * 3
+    x = torch.rand(1, 3, 64, 96)
     with torch.no_grad():
-        torch.testing.assert_close(inference_synthesis(g_s)(y), g_s(y), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(inference_transform(g_s)(y), g_s(y), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(inference_transform(g_a)(x), g_a(x), rtol=1e-4, atol=1e-5)
