@@ -170,6 +170,9 @@ def test_cli_pack_with_calibration(tmp_path, capsys):
                  "--calibration", str(tmp_path / "cal.ncz"), "-q"]) == 0
     with nf.open(out) as reader:
         assert reader.metadata["calibration"] == "toy"
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "calibrated on toy" in capsys.readouterr().out
     assert main(["pack", str(tmp_path / "toy.pt"), "-o", str(tmp_path / "x.ncz"),
                  "--calibration", str(tmp_path / "toy.pt")]) == 1
     err = capsys.readouterr().err

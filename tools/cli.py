@@ -94,6 +94,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         total = summary["total"]
         print(f"{args.file}: model archive, {len(tensors)} tensors, {total['numel']:,} weights, {_human(file_size)}, "
               f"{total['bits_per_weight']:.2f} bits/weight, max relative error {total['max_rel_error']:.2e}")
+        calibration = summary["metadata"].get("calibration")
+        if calibration:
+            print(f"calibrated on {calibration} ({summary['metadata'].get('calibration_samples', '?')} samples): "
+                  "relative errors are of the weights; each layer's output error is what was bounded")
         width = max(len(t["name"]) for t in tensors) if tensors else 4
         print(f"{'tensor':<{width}}  {'representation':<18} {'dtype':<9} {'shape':<16} {'bits/w':>7} {'rel.error':>10}")
         for t in tensors:
