@@ -676,6 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", default=None, help="also write this Markdown page (e.g. docs/RESULTS.md)")
     p.add_argument("--from-json", default=None,
                    help="skip the measurements: recompute BD-rates and re-render --json / --plot / --markdown from this JSON")
+    p.add_argument("--baselines-from", default=None,
+                   help="take the other codecs' measurements from this earlier JSON (same images) instead of "
+                        "re-running them: the model changes, JPEG/WebP/AVIF/JPEG XL do not")
     p.add_argument("--selftest", action="store_true", help="check MS-SSIM and BD-rate, then exit")
     return p
 
@@ -736,8 +739,16 @@ def main(argv: list[str] | None = None) -> int:
                 model_info["exported_from_checkpoint"] = True
         result["codecs"]["ncz"] = entry
         result["model"] = model_info
+    earlier = json.loads(Path(args.baselines_from).read_text()) if args.baselines_from else None
+    if earlier is not None and earlier.get("image_names") != result["image_names"]:
+        raise SystemExit(f"{args.baselines_from}: measured on other images than this run")
     for name in OTHER_CODECS:
         if name in args.codecs:
+            if earlier is not None and name in earlier.get("codecs", {}):
+                result["codecs"][name] = earlier["codecs"][name]
+                result.setdefault("baselines_from", {"file": args.baselines_from, "date": earlier.get("date"),
+                                                     "command": earlier.get("command")})
+                continue
             log(f"rd: {name}")
             result["codecs"][name] = run_pil(name, images, getattr(args, f"{name}_qualities"), args.threads)
 
