@@ -359,14 +359,16 @@ def _decoder_steps(row_codes: np.ndarray, col_codes: np.ndarray | None, base: fl
     return (row_steps, step_values(col_codes)) if col_codes is not None else row_steps
 
 
-def _secant_base(error_at, target: float, base: float, rounds: int = 6) -> float:
-    """The coarsest base with error_at(base) ≤ target (errors grow ~ base²), by a few
-    multiplicative corrections from ``base`` and a final walk down if needed."""
+def _secant_base(evaluate, target: float, base: float, rounds: int = 6):
+    """(base, payload) for the coarsest base found with error ≤ target, where
+    ``evaluate(base)`` returns (error, payload) and errors grow ~ base²: a few
+    multiplicative corrections from ``base``, then a walk down if none was feasible."""
     best = None
     for _ in range(rounds):
-        err = error_at(base)
+        err, payload = evaluate(base)
         if err <= target:
-            best = base if best is None else max(best, base)
+            if best is None or base > best[0]:
+                best = (base, payload)
             if err >= target * 0.97:  # within 1.5 % of the step: not worth another round
                 break
         if err <= 0:
@@ -375,9 +377,17 @@ def _secant_base(error_at, target: float, base: float, rounds: int = 6) -> float
         base *= math.sqrt(target / err) * (0.999 if err > target else 1.0)
     while best is None:
         base *= 0.97
-        if error_at(base) <= target:
-            best = base
+        err, payload = evaluate(base)
+        if err <= target:
+            best = (base, payload)
     return best
+
+
+def _weight_error(w32: np.ndarray, q: np.ndarray, steps: Steps, granularity: str, group_size: int,
+                  norm: float) -> float:
+    """‖W − Ŵ‖/‖W‖ with the decoder's float32 reconstruction."""
+    diff = w32 - dequantize(q, steps, granularity, group_size)
+    return math.sqrt(float(np.sum(np.square(diff, dtype=np.float64)))) / norm
 
 
 def quantize_calibrated(w: np.ndarray, reference: Quantized, calibration, granularity: str,
@@ -428,8 +438,7 @@ def quantize_calibrated(w: np.ndarray, reference: Quantized, calibration, granul
             return reference, granularity
         base, q = best
         steps = _decoder_steps(reference.row_codes, reference.col_codes, base)
-        rel = math.sqrt(float(np.sum(np.square(w32 - dequantize(q, steps, granularity, group_size),
-                                                dtype=np.float64)))) / norm
+        rel = _weight_error(w32, q, steps, granularity, group_size, norm)
         return Quantized(q, steps, rel, float(np.float32(base)), reference.row_codes, reference.col_codes), granularity
 
     importance = row_importance(calibration.row_counts)[:, None]  # (rows, 1)
@@ -439,18 +448,16 @@ def quantize_calibrated(w: np.ndarray, reference: Quantized, calibration, granul
     col_codes = reference.col_codes
     new_granularity = "rowcol" if granularity == "rowcol" else "channel"
 
-    def attempt(base: float):
+    def evaluate(base: float):
         steps = _decoder_steps(row_codes, col_codes, base)
         full = _expand(steps, w32.shape, new_granularity, group_size)
         q = np.rint(w32 / full)
-        return q, steps, float(np.sum(importance * np.square(w32 - q * full, dtype=np.float64)))
+        return float(np.sum(importance * np.square(w32 - q * full, dtype=np.float64))), (q, steps)
 
-    base = _secant_base(lambda b: attempt(b)[2], target, reference.base * 2)
-    q, steps, _ = attempt(base)
+    base, (q, steps) = _secant_base(evaluate, target, reference.base * 2)
     if np.abs(q).max() >= 2**30:
         return reference, granularity
-    rel = math.sqrt(float(np.sum(np.square(w32 - dequantize(q, steps, new_granularity, group_size),
-                                            dtype=np.float64)))) / norm
+    rel = _weight_error(w32, q, steps, new_granularity, group_size, norm)
     return Quantized(q.astype(np.int32), steps, rel, float(np.float32(base)), row_codes, col_codes), new_granularity
 
 
