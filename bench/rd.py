@@ -340,6 +340,19 @@ def _append(entry: dict[str, Any], quality: float, rows: list[dict[str, float]])
     entry["per_image"].append({k: [round(r[k], 6) for r in rows] for k in ("bpp", "psnr", "ms_ssim", "enc_s", "dec_s")})
 
 
+def _subset(entry: dict[str, Any], indices: list[int]) -> dict[str, Any]:
+    """``entry`` averaged over some of its images only (from ``per_image``; CPU seconds are not kept per image)."""
+    out = _new_entry(entry["effort"], entry["version"])
+    for qi, q in enumerate(entry["quality"]):
+        per = entry["per_image"][qi]
+        rows = [{**{k: per[k][i] for k in ("bpp", "psnr", "ms_ssim", "enc_s", "dec_s")},
+                 "mse": 10.0 ** (-per["psnr"][i] / 10.0) * 255.0 ** 2, "enc_cpu_s": math.nan, "dec_cpu_s": math.nan}
+                for i in indices]
+        _append(out, q, rows)
+        out["enc_cpu_s"][-1] = out["dec_cpu_s"][-1] = None
+    return out
+
+
 def _row(original: np.ndarray, decoded: np.ndarray, nbytes: int, enc: Measure, dec: Measure) -> dict[str, float]:
     if decoded.shape != original.shape:
         raise RuntimeError(f"decoded shape {decoded.shape} != original {original.shape}")
@@ -389,8 +402,8 @@ def export_checkpoint(checkpoint: Path, output: Path, calibration_dir: Path, cro
 
 
 def run_ncz(images: list[tuple[str, np.ndarray]], model: Path, qualities: list[float] | None,
-            workdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from ncz.codec import decode_section, load_codec, write_image_section
+            workdir: Path, sga_iterations: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    from ncz.codec import SGASchedule, decode_section, load_codec, write_image_section
     from ncz.codec.imageio import Pixels
     from ncz.format import Writer
     from ncz.format import open as open_archive
@@ -407,8 +420,11 @@ def run_ncz(images: list[tuple[str, np.ndarray]], model: Path, qualities: list[f
                   "model_id": runtime.model_id, "train_steps": meta.get("train_steps"),
                   "sha256": runtime.weights_hash, "file_bytes": model.stat().st_size, "levels": levels,
                   "lambdas": list(runtime.config.lambdas), "load_s": round(load_t.wall, 3)}
+    sga = SGASchedule(sga_iterations) if sga_iterations else None
     entry = _new_entry(f"model {runtime.model_id}, quality levels 0..{levels - 1} (fractional = gain interpolation), "
-                       f"torch threads {torch.get_num_threads()}, tile {__import__('ncz.codec.image', fromlist=['TILE']).TILE}",
+                       f"torch threads {torch.get_num_threads()}, tile {__import__('ncz.codec.image', fromlist=['TILE']).TILE}"
+                       + (f", SGA {sga.iterations} iterations (lr {sga.lr:g}, τ {sga.tau_max:g}→{sga.tau_min:g})"
+                          if sga else ", amortized encoder (no SGA)"),
                        f"ncz {_lib_version('ncz')}, torch {torch.__version__}")
 
     # warm-up (not timed): first convolutions allocate and pick kernels
@@ -424,14 +440,14 @@ def run_ncz(images: list[tuple[str, np.ndarray]], model: Path, qualities: list[f
             path = workdir / f"{name}.ncz"
             pixels = Pixels(rgb)
             with Measure() as enc, Writer(path, metadata={"format": "ncz-images", "images": 1}) as writer:
-                write_image_section(writer, name, runtime, pixels, float(q))
+                write_image_section(writer, name, runtime, pixels, float(q), sga=sga)
             nbytes = path.stat().st_size
             with Measure() as dec, open_archive(path) as reader:
                 out = decode_section(reader, name, runtime).rgb
             rows.append(_row(rgb, out, nbytes, enc, dec))
             path.unlink()
         _append(entry, float(q), rows)
-        log(f"  ncz q={q:g}: {entry['bpp'][-1]:.4f} bpp, {entry['psnr'][-1]:.2f} dB, MS-SSIM {entry['ms_ssim'][-1]:.4f}, "
+        log(f"  ncz{'-sga' if sga else ''} q={q:g}: {entry['bpp'][-1]:.4f} bpp, {entry['psnr'][-1]:.2f} dB, MS-SSIM {entry['ms_ssim'][-1]:.4f}, "
             f"enc {entry['enc_s'][-1]:.2f} s, dec {entry['dec_s'][-1]:.2f} s")
     return entry, model_info
 
@@ -492,11 +508,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    styles = {"ncz": ("C3", "o", 2.4), "jpeg": ("C7", "s", 1.2), "webp": ("C2", "^", 1.2), "avif": ("C0", "D", 1.2),
+    styles = {"ncz": ("C3", "o", 2.4), "ncz-sga": ("C4", "*", 2.4), "jpeg": ("C7", "s", 1.2), "webp": ("C2", "^", 1.2), "avif": ("C0", "D", 1.2),
               "jxl": ("C1", "v", 1.2)}
     for name, entry in result["codecs"].items():
         color, marker, lw = styles.get(name, (None, ".", 1.2))
-        label = f"{name} ({entry['effort'].split(',')[0]})" if name != "ncz" else "ncz"
+        label = {"ncz": "ncz", "ncz-sga": "ncz + SGA"}.get(name, f"{name} ({entry['effort'].split(',')[0]})")
         axes[0].plot(entry["bpp"], entry["psnr"], marker=marker, color=color, lw=lw, ms=4, label=label)
         axes[1].plot(entry["bpp"], entry["ms_ssim_db"], marker=marker, color=color, lw=lw, ms=4, label=label)
     n = result["images"]
@@ -519,6 +535,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def _fmt(v: Any, digits: int) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _fmt_cpu(v: float) -> str:
+    return "–" if v is None or math.isnan(v) else f"{v:.3f}"
 
 
 def _model_lines(model: dict[str, Any] | None) -> list[str]:
@@ -563,6 +583,11 @@ def markdown(result: dict[str, Any], plot_path: Path, md_path: Path) -> str:
         lines.append(f"| {name} | {_fmt(bd, 1)}{'%' if bd is not None else ''} | {_fmt(cubic, 1)}"
                      f"{'%' if cubic is not None else ''} | "
                      f"{f'{ov[0]:.2f}–{ov[1]:.2f}' if ov else 'none'} | {detail.get('note', '')} |")
+    if result.get("bd_rate_sga_vs"):
+        lines += ["", "With SGA latent refinement at encode time (`ncz encode --sga N`, codec `ncz-sga` below):", "",
+                  "| ncz + SGA vs | BD-rate (PCHIP) |", "| --- | ---: |"]
+        for name, bd in result["bd_rate_sga_vs"].items():
+            lines.append(f"| {name} | {_fmt(bd, 1)}{'%' if bd is not None else ''} |")
     lines += ["", f"![RD curves]({rel_plot})", "", "## Codecs and settings", ""]
     for name, entry in result["codecs"].items():
         lines.append(f"- **{name}**: {entry['effort']}; {entry['version']}")
@@ -576,7 +601,7 @@ def markdown(result: dict[str, Any], plot_path: Path, md_path: Path) -> str:
         for i, q in enumerate(entry["quality"]):
             lines.append(f"| {q:g} | {entry['bpp'][i]:.4f} | {entry['psnr'][i]:.2f} | {entry['psnr_of_mean_mse'][i]:.2f} | "
                          f"{entry['ms_ssim'][i]:.4f} | {entry['enc_s'][i]:.3f} | {entry['dec_s'][i]:.3f} | "
-                         f"{entry['enc_cpu_s'][i]:.3f} | {entry['dec_cpu_s'][i]:.3f} |")
+                         f"{_fmt_cpu(entry['enc_cpu_s'][i])} | {_fmt_cpu(entry['dec_cpu_s'][i])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -650,6 +675,14 @@ def compute_bd(result: dict[str, Any]) -> None:
         result["bd_rate_detail"][name] = detail
         result["bd_rate_detail_cubic"][name] = bd_rate(other["bpp"], other["psnr"], ncz_entry["bpp"],
                                                        ncz_entry["psnr"], "cubic")
+    sga_entry = result["codecs"].get("ncz-sga")
+    if sga_entry is not None:  # the same BD-rates for the SGA encoder, and against ncz's amortized encoder
+        result["bd_rate_sga_vs"] = {}
+        for name in ("ncz", *OTHER_CODECS):
+            other = result["codecs"].get(name)
+            if other is not None:
+                result["bd_rate_sga_vs"][name] = bd_rate(other["bpp"], other["psnr"], sga_entry["bpp"],
+                                                         sga_entry["psnr"], "pchip")["bd_rate"]
 
 
 def _command_line(argv: list[str]) -> str:
@@ -667,7 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=None, help="use only the first N images (sorted by name)")
     p.add_argument("--qualities", type=float, nargs="+", default=None,
                    help="ncz quality values (default: every integer level of the model)")
-    p.add_argument("--codecs", nargs="+", default=["ncz", *OTHER_CODECS], choices=["ncz", *OTHER_CODECS])
+    p.add_argument("--codecs", nargs="+", default=["ncz", *OTHER_CODECS], choices=["ncz", "ncz-sga", *OTHER_CODECS],
+                   help="ncz-sga (not run by default: minutes per image) encodes with --sga-iterations of SGA")
+    p.add_argument("--sga-iterations", type=int, default=100, help="SGA iterations for the ncz-sga codec")
     for name in OTHER_CODECS:
         p.add_argument(f"--{name}-qualities", type=int, nargs="+", default=SWEEPS[name], help=f"{name} quality sweep")
     p.add_argument("--threads", type=int, default=2, help="threads per codec (torch, aom, libjxl)")
@@ -723,29 +758,38 @@ def main(argv: list[str] | None = None) -> int:
         from ncz.codec import default_weights_path
 
         model_path = default_weights_path()
-    if "ncz" in args.codecs:
+    for codec in ("ncz", "ncz-sga"):
+        if codec not in args.codecs:
+            continue
         if not model_path.exists():
             raise SystemExit(f"{model_path}: codec weights not found (train and export them, or pass --model)")
-        log("rd: ncz")
+        log(f"rd: {codec}")
         with tempfile.TemporaryDirectory(prefix="rd_ncz_") as tmp:
             source = None
             if model_path.suffix == ".pt":
                 source = model_path
                 model_path = export_checkpoint(model_path, Path(tmp) / "exported.ncz", Path(args.calibration))
-            entry, model_info = run_ncz(images, model_path, args.qualities, Path(tmp))
+            entry, model_info = run_ncz(images, model_path, args.qualities, Path(tmp),
+                                        sga_iterations=args.sga_iterations if codec == "ncz-sga" else 0)
             if source is not None:
                 resolved = source.resolve()
                 model_info["path"] = str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(resolved)
                 model_info["exported_from_checkpoint"] = True
-        result["codecs"]["ncz"] = entry
+                model_path = source
+        result["codecs"][codec] = entry
         result["model"] = model_info
     earlier = json.loads(Path(args.baselines_from).read_text()) if args.baselines_from else None
+    subset = None
     if earlier is not None and earlier.get("image_names") != result["image_names"]:
-        raise SystemExit(f"{args.baselines_from}: measured on other images than this run")
+        names = earlier.get("image_names") or []
+        if not set(result["image_names"]) <= set(names):
+            raise SystemExit(f"{args.baselines_from}: measured on other images than this run")
+        subset = [names.index(n) for n in result["image_names"]]  # average its per-image numbers over ours
     for name in OTHER_CODECS:
         if name in args.codecs:
             if earlier is not None and name in earlier.get("codecs", {}):
-                result["codecs"][name] = earlier["codecs"][name]
+                theirs = earlier["codecs"][name]
+                result["codecs"][name] = theirs if subset is None else _subset(theirs, subset)
                 result.setdefault("baselines_from", {"file": args.baselines_from, "date": earlier.get("date"),
                                                      "command": earlier.get("command")})
                 continue

@@ -5,6 +5,7 @@
 - weights files and the runtime: :func:`load_codec`, :func:`export_codec`
 - image sections: :func:`encode_pixels`, :func:`write_image_section`, :func:`decode_section`
 - pixel files: :func:`read_image`, :func:`write_image`; rate control: :func:`choose_quality`
+- encoder-side latent refinement (SGA): :class:`SGASchedule`, :func:`refine_latents`
 
 Importing this package registers a Pillow plugin, so ``Image.open("x.ncz")`` works.
 """
@@ -14,6 +15,7 @@ from .image import decode_section, encode_pixels, write_image_section
 from .imageio import Pixels, read_image, write_image
 from .networks import CodecConfig, HyperpriorCodec
 from .rate import choose_quality
+from .refine import RefineResult, SGASchedule, refine_latents
 from .weights import CodecRuntime, default_weights_path, export_codec, load_codec
 
 _pillow_plugin.register()
@@ -32,4 +34,7 @@ __all__ = [
     "write_image_section",
     "decode_section",
     "choose_quality",
+    "SGASchedule",
+    "RefineResult",
+    "refine_latents",
 ]

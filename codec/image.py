@@ -31,6 +31,7 @@ from ncz.format.entropy_tables import Family
 
 from .imageio import MAX_PIXELS, MAX_SIDE, Pixels
 from .networks import crop
+from .refine import SGASchedule, refine_latents
 from .weights import CodecRuntime
 
 __all__ = ["TILE", "encode_pixels", "decode_section", "write_image_section"]
@@ -70,10 +71,16 @@ def _y_model(mean_scale: tuple[np.ndarray, np.ndarray]) -> E.ConditionalModel:
     return E.ConditionalModel.from_mean_scale(Family.GAUSSIAN, np.zeros(raw_scale.size), raw_scale.ravel())
 
 
-@torch.no_grad()
 def encode_pixels(runtime: CodecRuntime, pixels: Pixels, quality: float,
-                  progress: Callable[[int, int], None] | None = None) -> tuple[dict, bytes]:
-    """(params, payload) of an image section for ``pixels`` at ``quality``."""
+                  progress: Callable[[int, int], None] | None = None, *,
+                  sga: SGASchedule | None = None) -> tuple[dict, bytes]:
+    """(params, payload) of an image section for ``pixels`` at ``quality``.
+
+    ``sga``: refine each tile's latents with stochastic Gumbel annealing
+    (:mod:`ncz.codec.refine`) instead of coding g_a's amortized guess; the
+    decoder is the same. ``progress(done, total)`` counts tiles, or SGA
+    iterations over all tiles when refining.
+    """
     levels = runtime.config.num_levels
     if not (0.0 <= quality <= levels - 1) or math.isnan(quality):
         raise UsageError(f"quality must be in [0, {levels - 1}], got {quality}")
@@ -84,14 +91,22 @@ def encode_pixels(runtime: CodecRuntime, pixels: Pixels, quality: float,
     tiles = _tiles(h, w)
     for index, (top, left, th, tw) in enumerate(tiles):
         x, _ = _pad_replicate(_to_tensor(pixels.rgb[top:top + th, left:left + tw]))
-        y = runtime.analyze(x, float(quality))
-        z_hat = torch.round(runtime.net.hyper_analysis(y))[0].numpy().astype(np.int64)
-        z_hat = np.clip(z_hat, -(2**20), 2**20)
+        if sga is None:
+            with torch.no_grad():
+                y = runtime.analyze(x, float(quality))
+                z = torch.round(runtime.net.hyper_analysis(y))
+        else:
+            def tile_progress(done: int, total: int, index: int = index) -> None:
+                if progress:
+                    progress(index * total + done, len(tiles) * total)
+            refined = refine_latents(runtime, x, (th, tw), float(quality), sga, seed=index, progress=tile_progress)
+            y, z = refined.y, refined.z
+        z_hat = np.clip(z[0].numpy().astype(np.int64), -(2**20), 2**20)
         mean, raw_scale = runtime.int_hs(z_hat)
         symbols = np.rint(y[0].double().numpy() - mean[0]).astype(np.int32)
         streams.append(E.encode(z_hat.astype(np.int32).ravel(), _z_model(runtime, z_hat.shape)))
         streams.append(E.encode(symbols.ravel(), _y_model((mean, raw_scale))))
-        if progress:
+        if progress and sga is None:
             progress(index + 1, len(tiles))
     params = {"width": w, "height": h, "channels": pixels.channels, "quality": float(quality),
               "model": runtime.model_id, "weights": bytes.fromhex(runtime.weights_hash[:32]), "tile": TILE,
@@ -100,8 +115,10 @@ def encode_pixels(runtime: CodecRuntime, pixels: Pixels, quality: float,
 
 
 def write_image_section(writer: Writer, name: str, runtime: CodecRuntime, pixels: Pixels, quality: float,
-                        progress: Callable[[int, int], None] | None = None) -> None:
-    params, payload = encode_pixels(runtime, pixels, quality, progress)
+                        progress: Callable[[int, int], None] | None = None, *,
+                        sga: SGASchedule | None = None, encoded: tuple[dict, bytes] | None = None) -> None:
+    """Add one image (and its alpha part) to ``writer``; ``encoded`` reuses an :func:`encode_pixels` result."""
+    params, payload = encoded if encoded is not None else encode_pixels(runtime, pixels, quality, progress, sga=sga)
     writer.add(name, payload, kind=Kind.IMAGE, codec=Codec.RAW, params=params, aligned=False)
     if pixels.alpha is not None:
         alpha = pixels.alpha

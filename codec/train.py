@@ -47,7 +47,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -76,9 +76,87 @@ __all__ = [
     "evaluate_codec",
     "IMAGE_EXTENSIONS",
     "ThreadTuner",
+    "add_levels",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+# --------------------------------------------------------------------------
+# growing the level set of a trained model
+# --------------------------------------------------------------------------
+
+_GAIN_TABLES = ("gains.log_gain", "gains.log_inv_gain")
+
+
+def add_levels(state: dict, lambdas: Sequence[float]) -> dict:
+    """A training checkpoint with extra λ levels, every other tensor unchanged.
+
+    Why: a variable-rate model's rate range is set by its λ list; reaching a
+    lower (or higher) rate later should not cost a new run. Only the gain
+    tables (one row per level) grow. A new row is the per-channel *linear
+    extrapolation in log λ* of the two nearest trained rows (interpolation
+    when it falls between them): at high rate the optimal gain scales as
+    ``λ^(1/2)`` and the trained rows follow that law closely, so the new
+    level starts near its final place and needs only a short fine-tune.
+    Adam's first moment of a new row starts at 0 and its second moment is
+    copied from the nearest trained row, so the first updates are not
+    oversized. ``state`` is what :meth:`Trainer.state_dict` returns (or a
+    weights snapshot without ``optimizer``); it is not modified.
+    """
+    old = CodecConfig.from_dict(state["model_config"])
+    added = sorted({float(v) for v in lambdas} - set(old.lambdas))
+    if any(not (math.isfinite(v) and v > 0) for v in added):
+        raise ValueError(f"λ values must be positive and finite, got {added}")
+    if not added:
+        return state
+    new = replace(old, lambdas=tuple(sorted(old.lambdas + tuple(added))))
+    log_old = np.log(np.asarray(old.lambdas, dtype=np.float64))
+    L = len(log_old)
+    sources = []  # per new level: ("copy", i) or ("blend", i, j, t)
+    for lam in new.lambdas:
+        if lam in old.lambdas:
+            sources.append(("copy", old.lambdas.index(lam)))
+            continue
+        i = int(np.clip(np.searchsorted(log_old, math.log(lam)) - 1, 0, L - 2))
+        t = (math.log(lam) - log_old[i]) / (log_old[i + 1] - log_old[i])
+        sources.append(("blend", i, i + 1, t))
+
+    def grow(table: torch.Tensor, fill_new: Optional[str]) -> torch.Tensor:
+        rows = []
+        for src in sources:
+            if src[0] == "copy":
+                rows.append(table[src[1]])
+            elif fill_new == "zero":
+                rows.append(torch.zeros_like(table[0]))
+            elif fill_new == "nearest":
+                _, i, j, t = src
+                rows.append(table[j if t > 0.5 else i])
+            else:
+                _, i, j, t = src
+                rows.append((1 - t) * table[i] + t * table[j])
+        return torch.stack(rows)
+
+    out = dict(state)
+    out["model_config"] = new.to_dict()
+    model = dict(state["model"])
+    for name in _GAIN_TABLES:
+        model[name] = grow(model[name], None)
+    out["model"] = model
+    if "optimizer" in state:
+        names = [n for n, _ in HyperpriorCodec(old).named_parameters()]
+        opt = dict(state["optimizer"])
+        opt_state = dict(opt["state"])
+        for name in _GAIN_TABLES:
+            idx = names.index(name)
+            if idx in opt_state:
+                moments = dict(opt_state[idx])
+                moments["exp_avg"] = grow(moments["exp_avg"], "zero")
+                moments["exp_avg_sq"] = grow(moments["exp_avg_sq"], "nearest")
+                opt_state[idx] = moments
+        opt["state"] = opt_state
+        out["optimizer"] = opt
+    return out
 
 
 # --------------------------------------------------------------------------

@@ -60,6 +60,7 @@ class CodecRuntime:
     g_s: torch.nn.Module | None = None
 
     def __post_init__(self) -> None:
+        self.net.requires_grad_(False)  # coding only; encoder-side refinement differentiates w.r.t. latents
         if self.g_a is None:
             self.g_a = inference_transform(self.net.g_a)
         if self.g_s is None:

@@ -16,7 +16,7 @@ from ncz.codec.networks import (
     gaussian_likelihood,
     pad_to_multiple,
 )
-from ncz.codec.train import Trainer, TrainConfig, evaluate_codec
+from ncz.codec.train import Trainer, TrainConfig, add_levels, evaluate_codec
 
 TINY = dict(N=16, M=24, lambdas=(0.002, 0.01, 0.05))
 
@@ -237,3 +237,33 @@ def test_inference_transforms_match_the_trained_ones():
     with torch.no_grad():
         torch.testing.assert_close(inference_transform(g_s)(y), g_s(y), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(inference_transform(g_a)(x), g_a(x), rtol=1e-4, atol=1e-5)
+
+
+def test_add_levels_keeps_trained_levels_and_extrapolates_new_ones(tmp_path):
+    imgs = _images()
+    tr = Trainer(_cfg(tmp_path), images=imgs, eval_images=[])
+    for _ in range(3):
+        tr.train_step()
+    state = tr.state_dict()
+    low, mid = TINY["lambdas"][0] / 2, math.sqrt(TINY["lambdas"][0] * TINY["lambdas"][1])
+    grown = add_levels(state, [low, mid, TINY["lambdas"][1]])  # an existing λ is ignored
+    lams = CodecConfig.from_dict(grown["model_config"]).lambdas
+    assert lams == tuple(sorted(TINY["lambdas"] + (low, mid)))
+    old_gain = state["model"]["gains.log_gain"]
+    new_gain = grown["model"]["gains.log_gain"]
+    for i, lam in enumerate(TINY["lambdas"]):
+        assert torch.equal(new_gain[lams.index(lam)], old_gain[i])
+    # mid lies halfway (in log λ) between levels 0 and 1; low is extrapolated linearly below level 0
+    assert torch.allclose(new_gain[lams.index(mid)], (old_gain[0] + old_gain[1]) / 2, atol=1e-6)
+    t = (math.log(low) - math.log(TINY["lambdas"][0])) / (math.log(TINY["lambdas"][1]) - math.log(TINY["lambdas"][0]))
+    assert torch.allclose(new_gain[0], old_gain[0] + t * (old_gain[1] - old_gain[0]), atol=1e-6)
+    assert state["model"]["gains.log_gain"] is old_gain and old_gain.shape[0] == len(TINY["lambdas"])  # input untouched
+    # the grown checkpoint resumes training, new rows' Adam moments included
+    cfg = _cfg(tmp_path / "grown", lambdas=lams)
+    resumed = Trainer(cfg, model_config=CodecConfig.from_dict(grown["model_config"]), images=imgs, eval_images=[])
+    resumed.load_state_dict(grown)
+    assert resumed.step == 3 and resumed.model.num_levels == len(lams)
+    assert math.isfinite(resumed.train_step()["loss"])
+    assert add_levels(state, list(TINY["lambdas"])) is state
+    with pytest.raises(ValueError):
+        add_levels(state, [-1.0])

@@ -29,7 +29,7 @@ EXPECTED = {
     "ncz.codec": {
         "CodecConfig", "CodecRuntime", "HyperpriorCodec", "Pixels", "choose_quality", "decode_section",
         "default_weights_path", "encode_pixels", "export_codec", "load_codec", "read_image", "write_image",
-        "write_image_section",
+        "write_image_section", "SGASchedule", "RefineResult", "refine_latents",
     },
 }
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from ncz.codec.networks import DEFAULT_LAMBDAS
-from ncz.codec.train import EvalReport, StepReport, Trainer, TrainConfig
+from ncz.codec.networks import DEFAULT_LAMBDAS, CodecConfig
+from ncz.codec.train import EvalReport, StepReport, Trainer, TrainConfig, add_levels
 
 
 def _default_data_root() -> Path:
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/codec", help="run directory (checkpoints, train_log.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/latest.pt")
     p.add_argument("--resume-from", default=None, help="continue from this checkpoint file")
+    p.add_argument("--add-lambdas", type=float, nargs="+", default=None, metavar="λ",
+                   help="with --resume: add these λ levels to the checkpoint's model (gain rows extrapolated "
+                        "from the nearest trained levels; everything else kept)")
     p.add_argument("--init-from", nargs="+", default=None, metavar="WEIGHTS.ncz",
                    help="start from shipped weights instead of a checkpoint: codec/weights/default.ncz "
                         "codec/weights/train-state.ncz (fresh optimizer; the step count comes from the header)")
@@ -114,17 +117,24 @@ def main(argv=None) -> int:
         N=args.N, M=args.M, lambdas=tuple(args.lambdas),
     )
     resume_path = Path(args.resume_from) if args.resume_from else (Path(args.out) / "latest.pt" if args.resume else None)
-    model_config = None
+    model_config, resume_state = None, None
+    if args.add_lambdas and resume_path is None:
+        print("error: --add-lambdas needs --resume or --resume-from", file=sys.stderr)
+        return 2
     if resume_path is not None:
         if not resume_path.exists():
             print(f"error: no checkpoint at {resume_path}", file=sys.stderr)
             return 2
-        model_config = Trainer.read_model_config(resume_path)
+        resume_state = torch.load(resume_path, map_location=device, weights_only=True)
+        if args.add_lambdas:
+            resume_state = add_levels(resume_state, args.add_lambdas)
+        model_config = CodecConfig.from_dict(resume_state["model_config"])
 
     print(f"loading images from {cfg.data_dir} ...", flush=True)
     trainer = Trainer(cfg, model_config=model_config)
-    if resume_path is not None:
-        trainer.load_checkpoint(resume_path)
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state)
+        del resume_state
         print(f"resumed from {resume_path} at step {trainer.step}", flush=True)
     elif args.init_from:
         from ncz.format import open as open_archive
