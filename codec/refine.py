@@ -117,23 +117,25 @@ class _FloatHyperSynthesis(torch.nn.Module):
     def __init__(self, runtime: CodecRuntime):
         super().__init__()
         self.layers = runtime.int_hs.layers
+        as_tensor = lambda v: torch.from_numpy(np.asarray(v, dtype=np.float32))
+        # per layer: integer weights, and scale/bias as (1, C, 1, 1) float32
+        self.params = [(as_tensor(l.weight), as_tensor(l.scale)[None, :, None, None],
+                        as_tensor(l.bias)[None, :, None, None]) for l in self.layers]
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         a = z
-        for layer in self.layers:
-            w = torch.from_numpy(layer.weight.astype(np.float32))
+        for layer, (weight, scale, bias) in zip(self.layers, self.params):
             if layer.transposed:
-                a = F.conv_transpose2d(a, w, stride=layer.stride, padding=layer.padding,
+                a = F.conv_transpose2d(a, weight, stride=layer.stride, padding=layer.padding,
                                        output_padding=layer.output_padding)
             else:
-                a = F.conv2d(a, w, stride=layer.stride, padding=layer.padding)
-            a = a * torch.from_numpy(layer.scale.astype(np.float32))[None, :, None, None] \
-                + torch.from_numpy(layer.bias.astype(np.float32))[None, :, None, None]
+                a = F.conv2d(a, weight, stride=layer.stride, padding=layer.padding)
+            a = a * scale + bias
             if layer.leaky:
                 a = F.leaky_relu(a, LEAKY_SLOPE)
             if layer.out_step > 0:
-                a = a / layer.out_step
-        raw_scale, mean = a.chunk(2, dim=1)
+                a = a / layer.out_step  # the integer path rounds here; the surrogate stays smooth
+        raw_scale, mean = a.chunk(2, dim=1)  # the integer h_s's split
         return mean, raw_scale
 
 

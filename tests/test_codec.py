@@ -46,7 +46,7 @@ def trained_weights(tmp_path_factory):
     for _ in range(60):
         trainer.train_step()
     path = out / "tiny-trained.ncz"
-    export_codec(trainer.model.eval(), path, [torch.rand(1, 3, 128, 128)])
+    export_codec(trainer.model.eval(), path, [im[None, :, :64, :128].float() / 255 for im in images])
     return path
 
 
@@ -257,3 +257,17 @@ def test_cli_sga_keeps_the_size_promise(trained_weights, tmp_path):
     assert sized.stat().st_size <= target
     assert main(["decode", str(refined), "-o", str(tmp_path / "r.png"), "--model", str(weights)]) == 0
     assert main(["encode", str(src), "-o", str(tmp_path / "bad.ncz"), "--model", str(weights), "--sga", "-3"]) != 0
+
+
+def test_sga_float_hyper_synthesis_tracks_the_integer_one(trained_weights):
+    """SGA optimizes through a float copy of the integer h_s; it must see the coded means and scales."""
+    from ncz.codec.refine import _FloatHyperSynthesis
+
+    runtime = load_codec(trained_weights)
+    x = torch.from_numpy(_photo(128, 192, seed=7)).permute(2, 0, 1)[None].float() / 255
+    z = torch.round(runtime.net.hyper_analysis(runtime.analyze(x, 1.0)))
+    mean_int, scale_int = runtime.int_hs(z[0].numpy().astype(np.int64))
+    with torch.no_grad():
+        mean_float, scale_float = _FloatHyperSynthesis(runtime)(z)
+    for exact, approx in ((mean_int, mean_float), (scale_int, scale_float)):
+        assert np.abs(exact - approx.numpy()).max() < 0.02 * max(np.abs(exact).max(), 1e-3)
