@@ -146,9 +146,10 @@ def refine_latents(runtime: CodecRuntime, x: Tensor, size: tuple[int, int], qual
 
     ``size`` is the unpadded ``(h, w)``: distortion counts only real pixels,
     rate counts every latent. ``autocast`` runs g_s in bfloat16 inside the
-    loop (1.8x faster on CPU, same loss reached; the final comparison is float32). Returns the latents to code (``y`` continuous,
-    ``z`` integer-valued) and the hard-rounded losses; when SGA did not
-    improve on the amortized latents, those are returned unchanged.
+    loop (1.8x faster on CPU, same loss reached); the before/after comparison
+    is in float32. Returns the latents to code (``y`` continuous, ``z``
+    integer-valued) and the hard-rounded losses; when SGA did not improve on
+    the amortized latents, those are returned unchanged.
     """
     net, cfg = runtime.net, runtime.config
     h, w = size
