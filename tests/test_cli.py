@@ -65,3 +65,21 @@ def test_console_script_runs_without_traceback(tmp_path):
     bad.write_bytes(b"\x89NCZ\r\n\x1a\n" + bytes(60))
     proc = subprocess.run([sys.executable, "-m", "ncz.tools.cli", "verify", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_closed_output_pipe_is_not_an_error(tmp_path, capsys, monkeypatch):
+    """`ncz info x | head`: when the reader leaves, exit like shell tools (141), print nothing."""
+    archive = tmp_path / "demo.ncz"
+    assert main(["demo", "-o", str(archive)]) == 0
+    capsys.readouterr()
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["info", str(archive)]) == 141
+    assert capsys.readouterr().err == ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from importlib import metadata as importlib_metadata
@@ -414,6 +415,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NczError as exc:
         print(f"ncz: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # the reader of our output left (`ncz info x | head`): not an error to report
+        sys.stdout = open(os.devnull, "w")  # the interpreter's final flush must not hit the closed pipe
+        return 141  # 128 + SIGPIPE, as shell tools exit
     except OSError as exc:
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         print(f"ncz: error: {where}{exc.strerror or exc}", file=sys.stderr)
