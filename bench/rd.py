@@ -537,10 +537,6 @@ def _fmt(v: Any, digits: int) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def _fmt_cpu(v: float) -> str:
-    return "–" if v is None or math.isnan(v) else f"{v:.3f}"
-
-
 def _model_lines(model: dict[str, Any] | None) -> list[str]:
     if not model:
         return ["- ncz was not part of this run"]
@@ -601,7 +597,7 @@ def markdown(result: dict[str, Any], plot_path: Path, md_path: Path) -> str:
         for i, q in enumerate(entry["quality"]):
             lines.append(f"| {q:g} | {entry['bpp'][i]:.4f} | {entry['psnr'][i]:.2f} | {entry['psnr_of_mean_mse'][i]:.2f} | "
                          f"{entry['ms_ssim'][i]:.4f} | {entry['enc_s'][i]:.3f} | {entry['dec_s'][i]:.3f} | "
-                         f"{_fmt_cpu(entry['enc_cpu_s'][i])} | {_fmt_cpu(entry['dec_cpu_s'][i])} |")
+                         f"{_fmt(entry['enc_cpu_s'][i], 3)} | {_fmt(entry['dec_cpu_s'][i], 3)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -712,8 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-json", default=None,
                    help="skip the measurements: recompute BD-rates and re-render --json / --plot / --markdown from this JSON")
     p.add_argument("--baselines-from", default=None,
-                   help="take the other codecs' measurements from this earlier JSON (same images) instead of "
-                        "re-running them: the model changes, JPEG/WebP/AVIF/JPEG XL do not")
+                   help="take the other codecs' measurements from this earlier JSON (same images, or a superset: "
+                        "its per-image numbers are averaged over ours) instead of re-running them: the model "
+                        "changes, JPEG/WebP/AVIF/JPEG XL do not")
     p.add_argument("--selftest", action="store_true", help="check MS-SSIM and BD-rate, then exit")
     return p
 

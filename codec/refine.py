@@ -159,12 +159,12 @@ def refine_latents(runtime: CodecRuntime, x: Tensor, size: tuple[int, int], qual
     inv_gain = net.gains.inv_gain(quality).detach()
     target = x[..., :h, :w]
 
-    def objective(y_t: Tensor, z_t: Tensor, mean: Tensor, raw_scale: Tensor) -> Tensor:
+    def objective(y_t: Tensor, z_t: Tensor, mean: Tensor, raw_scale: Tensor, bf16: bool) -> Tensor:
         lik_z = net.entropy_bottleneck.likelihood(z_t, cfg.likelihood_bound)
         lik_y = gaussian_likelihood(y_t, mean, lower_bound(raw_scale, cfg.scale_bound),
                                     cfg.scale_bound, cfg.likelihood_bound)
         bits = -(torch.log2(lik_z).sum() + torch.log2(lik_y).sum())
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and torch.is_grad_enabled()):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             x_t = runtime.g_s((y_t * inv_gain).contiguous(memory_format=torch.channels_last)).float()
         mse = torch.mean((x_t[..., :h, :w] - target) ** 2)
         return bits / pixels + lam * mse
@@ -175,7 +175,7 @@ def refine_latents(runtime: CodecRuntime, x: Tensor, size: tuple[int, int], qual
         mean, raw_scale = runtime.int_hs(z_hat[0].numpy().astype(np.int64))
         mean_t = torch.from_numpy(mean).float()
         y_hat = torch.round(y - mean_t) + mean_t
-        return float(objective(y_hat, z_hat, mean_t, torch.from_numpy(raw_scale).float()))
+        return float(objective(y_hat, z_hat, mean_t, torch.from_numpy(raw_scale).float(), bf16=False))
 
     with torch.no_grad():
         y0 = runtime.analyze(x, quality)
@@ -190,7 +190,7 @@ def refine_latents(runtime: CodecRuntime, x: Tensor, size: tuple[int, int], qual
         z_t = sga_round(z, tau, gen)
         mean, raw_scale = hs(z_t)
         y_t = sga_round(y - mean, tau, gen) + mean
-        loss = objective(y_t, z_t, mean, raw_scale)
+        loss = objective(y_t, z_t, mean, raw_scale, bf16=autocast)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

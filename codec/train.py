@@ -122,26 +122,24 @@ def add_levels(state: dict, lambdas: Sequence[float]) -> dict:
         t = (math.log(lam) - log_old[i]) / (log_old[i + 1] - log_old[i])
         sources.append(("blend", i, i + 1, t))
 
-    def grow(table: torch.Tensor, fill_new: Optional[str]) -> torch.Tensor:
-        rows = []
-        for src in sources:
-            if src[0] == "copy":
-                rows.append(table[src[1]])
-            elif fill_new == "zero":
-                rows.append(torch.zeros_like(table[0]))
-            elif fill_new == "nearest":
-                _, i, j, t = src
-                rows.append(table[j if t > 0.5 else i])
-            else:
-                _, i, j, t = src
-                rows.append((1 - t) * table[i] + t * table[j])
-        return torch.stack(rows)
+    def blend(table: torch.Tensor, i: int, j: int, t: float) -> torch.Tensor:
+        return (1 - t) * table[i] + t * table[j]
+
+    def nearest(table: torch.Tensor, i: int, j: int, t: float) -> torch.Tensor:
+        return table[j if t > 0.5 else i]
+
+    def zero(table: torch.Tensor, i: int, j: int, t: float) -> torch.Tensor:
+        return torch.zeros_like(table[i])
+
+    def grow(table: torch.Tensor, new_row) -> torch.Tensor:
+        """Trained rows copied; a new level's row is ``new_row(table, i, j, t)``."""
+        return torch.stack([table[src[1]] if src[0] == "copy" else new_row(table, *src[1:]) for src in sources])
 
     out = dict(state)
     out["model_config"] = new.to_dict()
     model = dict(state["model"])
     for name in _GAIN_TABLES:
-        model[name] = grow(model[name], None)
+        model[name] = grow(model[name], blend)
     out["model"] = model
     if "optimizer" in state:
         names = [n for n, _ in HyperpriorCodec(old).named_parameters()]
@@ -151,8 +149,8 @@ def add_levels(state: dict, lambdas: Sequence[float]) -> dict:
             idx = names.index(name)
             if idx in opt_state:
                 moments = dict(opt_state[idx])
-                moments["exp_avg"] = grow(moments["exp_avg"], "zero")
-                moments["exp_avg_sq"] = grow(moments["exp_avg_sq"], "nearest")
+                moments["exp_avg"] = grow(moments["exp_avg"], zero)
+                moments["exp_avg_sq"] = grow(moments["exp_avg_sq"], nearest)
                 opt_state[idx] = moments
         opt["state"] = opt_state
         out["optimizer"] = opt
