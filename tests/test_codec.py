@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import ncz.format as nf
-from ncz.codec import (HyperpriorCodec, Pixels, SGASchedule, choose_quality, decode_section, encode_pixels, export_codec,
+from ncz.codec import (CodecConfig, HyperpriorCodec, Pixels, SGASchedule, choose_quality, decode_section, encode_pixels, export_codec,
                        load_codec, read_image)
 from ncz.codec.image import TILE, write_image_section
 from ncz.format import entropy as E
@@ -271,3 +271,36 @@ def test_sga_float_hyper_synthesis_tracks_the_integer_one(trained_weights):
         mean_float, scale_float = _FloatHyperSynthesis(runtime)(z)
     for exact, approx in ((mean_int, mean_float), (scale_int, scale_float)):
         assert np.abs(exact - approx.numpy()).max() < 0.02 * max(np.abs(exact).max(), 1e-3)
+
+
+def test_export_then_init_from_continues_the_same_model(tmp_path):
+    """The session-to-session path: export weights + train state, then `train_codec --init-from` both.
+    N, M and the λ levels come from the archive (not the CLI defaults) and every tensor is restored."""
+    from ncz.codec.train import Trainer, TrainConfig
+    from ncz.tools import export_codec as export_tool
+
+    data = tmp_path / "images"
+    data.mkdir()
+    for seed in range(2):
+        Image.fromarray(_photo(128, 128, seed=seed)).save(data / f"{seed}.png")
+    cfg = TrainConfig(out_dir=str(tmp_path / "first"), steps=10, batch_size=2, crop=64, bf16=False,
+                      channels_last=False, seed=1, ckpt_every=0, ckpt_seconds=1e9, keep_every=0, eval_every=0,
+                      log_every=0, N=16, M=24, lambdas=(0.002, 0.02))
+    first = Trainer(cfg, eval_images=[], images=[torch.from_numpy(_photo(96, 96, seed=3)).permute(2, 0, 1)])
+    first.train_step()
+    checkpoint = first.save_checkpoint()
+    weights, train_state = tmp_path / "w.ncz", tmp_path / "ts.ncz"
+    assert export_tool.main([str(checkpoint), "-o", str(weights), "--train-state", str(train_state),
+                             "--calibration", str(data), "--images", "2"]) == 0
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ncz.tools.train_codec", "--data", str(data), "--out", str(out),
+           "--init-from", str(weights), str(train_state), "--steps", "100", "--max-steps", "1",
+           "--batch-size", "2", "--crop", "64", "--eval-images", "--eval-every", "0", "--no-bf16",
+           "--no-channels-last", "--threads", "1", "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "at step 1 (fresh optimizer)" in done.stdout
+    state = torch.load(out / "latest.pt", weights_only=True)
+    assert CodecConfig.from_dict(state["model_config"]) == first.model_config
+    assert state["step"] == 2

@@ -129,6 +129,12 @@ def main(argv=None) -> int:
         if args.add_lambdas:
             resume_state = add_levels(resume_state, args.add_lambdas)
         model_config = CodecConfig.from_dict(resume_state["model_config"])
+    elif args.init_from:
+        # The shipped weights fix the architecture and the λ levels; --N/--M/--lambdas do not apply.
+        from ncz.format import open as open_archive
+
+        with open_archive(args.init_from[0]) as reader:
+            model_config = CodecConfig.from_dict(reader.metadata["codec"])
 
     print(f"loading images from {cfg.data_dir} ...", flush=True)
     trainer = Trainer(cfg, model_config=model_config)
