@@ -245,8 +245,18 @@ def test_sga_schedule_is_checked_and_anneals():
             SGASchedule(**bad)
 
 
-def test_cli_sga_keeps_the_size_promise(trained_weights, tmp_path):
+def test_cli_sga_keeps_the_size_promise(trained_weights, tmp_path, monkeypatch):
+    import ncz.codec
+
     weights = trained_weights
+    refinements = []
+    plain_encode = ncz.codec.encode_pixels
+
+    def counting_encode(*args, sga=None, **kwargs):
+        refinements.extend([sga] if sga is not None else [])
+        return plain_encode(*args, sga=sga, **kwargs)
+
+    monkeypatch.setattr(ncz.codec, "encode_pixels", counting_encode)
     src = tmp_path / "in.png"
     Image.fromarray(_photo(64, 96, seed=6)).save(src)
     plain, refined, sized = tmp_path / "p.ncz", tmp_path / "r.ncz", tmp_path / "s.ncz"
@@ -255,6 +265,7 @@ def test_cli_sga_keeps_the_size_promise(trained_weights, tmp_path):
     target = plain.stat().st_size
     assert main(["encode", str(src), "-o", str(sized), "--model", str(weights), "--size", str(target), "--sga", "10"]) == 0
     assert sized.stat().st_size <= target
+    assert len(refinements) == 2  # once for --quality, once for --size: the rate search runs on the plain encoder
     assert main(["decode", str(refined), "-o", str(tmp_path / "r.png"), "--model", str(weights)]) == 0
     assert main(["encode", str(src), "-o", str(tmp_path / "bad.ncz"), "--model", str(weights), "--sga", "-3"]) != 0
 

@@ -237,35 +237,48 @@ def cmd_encode(args: argparse.Namespace) -> int:
     elif args.bpp is not None:
         budget = args.bpp * total_pixels / 8
 
-    def build(payload_bits: float | None) -> tuple[bytes, int]:
-        """The archive, and the bytes of its image payloads; each image gets its pixel share of ``payload_bits``."""
+    def qualities_for(payload_bits: float | None) -> list[float]:
+        """Per image: the fixed quality, or the highest that fits its pixel share of ``payload_bits``."""
+        if payload_bits is None:
+            fixed = (runtime.config.num_levels - 1) / 2 if args.quality is None else args.quality
+            return [fixed] * len(images)
+        return [choose_quality(runtime, pixels, payload_bits * pixels.width * pixels.height / total_pixels)
+                for _, pixels in images]
+
+    def build(qualities: list[float], refine: bool = False, payload_bits: float | None = None) -> tuple[bytes, int]:
+        """The archive, and the bytes of its image payloads. With ``refine``, SGA latents replace the
+        plain ones where they fit the image's share of ``payload_bits`` (SGA may trade rate for distortion)."""
         buffer, used, payload_bytes = io.BytesIO(), set(), 0
         with Writer(buffer, metadata={"format": "ncz-images", "images": len(images)}) as writer:
-            for path, pixels in images:
-                share = None if payload_bits is None else payload_bits * pixels.width * pixels.height / total_pixels
-                if share is not None:
-                    quality = choose_quality(runtime, pixels, share)
-                else:
-                    quality = (runtime.config.num_levels - 1) / 2 if args.quality is None else args.quality
+            for (path, pixels), quality in zip(images, qualities):
                 encoded = None
-                if sga is not None:
+                if refine:
                     bar = _Bar(f"SGA {path}", sys.stderr.isatty(), unit="it")
                     try:
                         encoded = encode_pixels(runtime, pixels, quality, lambda d, t: bar(d, t, ""), sga=sga)
                     finally:
                         bar.close()
+                    share = None if payload_bits is None else payload_bits * pixels.width * pixels.height / total_pixels
                     if share is not None and 8 * len(encoded[1]) > share:
-                        encoded = None  # refined latents may trade rate for distortion: keep the size promise
+                        encoded = None
                 if encoded is None:
                     encoded = encode_pixels(runtime, pixels, quality)
                 payload_bytes += len(encoded[1])
                 write_image_section(writer, _image_name(path, used), runtime, pixels, quality, encoded=encoded)
         return buffer.getvalue(), payload_bytes
 
-    data, payload_bytes = build(None if budget is None else 8 * budget)
+    # Rate control runs on the plain encoder; SGA (slow) runs once, at the qualities chosen.
+    payload_bits = None if budget is None else 8 * budget
+    qualities = qualities_for(payload_bits)
+    data, payload_bytes = build(qualities)
     if budget is not None and len(data) > budget:  # the container's own bytes come out of the budget too
-        overhead = len(data) - payload_bytes
-        data, _ = build(max(8 * (budget - overhead), 0.0))
+        payload_bits = max(8 * (budget - (len(data) - payload_bytes)), 0.0)
+        qualities = qualities_for(payload_bits)
+        data, _ = build(qualities)
+    if sga is not None:
+        refined, _ = build(qualities, refine=True, payload_bits=payload_bits)
+        if budget is None or len(refined) <= budget or len(refined) <= len(data):
+            data = refined
     if args.output == "-":
         sys.stdout.buffer.write(data)
     else:
