@@ -35,6 +35,11 @@ only, and the mean difference turned into a percentage (negative = ncz needs
 fewer bits for the same PSNR). When the PSNR ranges overlap little the number
 is flagged (``overlap_db`` / ``note``).
 
+Published curves (``bench/reference/*.json``, ``--published``) are drawn dashed
+and get BD-rates of their own (``published``): ncz against each, and each
+against the codecs measured in this run. They are not measured here; each file
+names its source and what its bpp counts.
+
 Usage (from the repository root)::
 
     python bench/rd.py --data ../shared/data/kodak                  # full run, shipped weights
@@ -71,6 +76,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "bench" / "results" / "rd_kodak.json"
 DEFAULT_PLOT = REPO / "bench" / "results" / "rd_kodak.png"
+PUBLISHED_DIR = REPO / "bench" / "reference"
 
 # Quality sweeps chosen to span ~0.1-2 bpp on Kodak (and a little beyond).
 SWEEPS: dict[str, list[int]] = {
@@ -515,6 +521,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         label = {"ncz": "ncz", "ncz-sga": "ncz + SGA"}.get(name, f"{name} ({entry['effort'].split(',')[0]})")
         axes[0].plot(entry["bpp"], entry["psnr"], marker=marker, color=color, lw=lw, ms=4, label=label)
         axes[1].plot(entry["bpp"], entry["ms_ssim_db"], marker=marker, color=color, lw=lw, ms=4, label=label)
+    for i, (name, ref) in enumerate(result.get("published", {}).items()):
+        axes[0].plot(ref["bpp"], ref["psnr"], ls="--", marker=".", color=f"C{5 + i}", lw=1.2, ms=4,
+                     label=f"{name} (published)")
     n = result["images"]
     axes[0].set(xlabel="bits per pixel (whole file)", ylabel="PSNR-RGB (dB, mean over images)",
                 title=f"Kodak, {n} image{'s' if n != 1 else ''}: PSNR")
@@ -584,6 +593,18 @@ def markdown(result: dict[str, Any], plot_path: Path, md_path: Path) -> str:
                   "| ncz + SGA vs | BD-rate (PCHIP) |", "| --- | ---: |"]
         for name, bd in result["bd_rate_sga_vs"].items():
             lines.append(f"| {name} | {_fmt(bd, 1)}{'%' if bd is not None else ''} |")
+    published = result.get("published", {})
+    if published:
+        lines += ["", "Published curves of the same model family, for scale (not measured here; dashed in the plot). "
+                  "\"ncz vs it\": BD-rate of ncz against the published curve; the other columns: BD-rate of the "
+                  "published curve against the codecs measured above.", "",
+                  "| published | ncz vs it | " + " | ".join(f"it vs {n}" for n in OTHER_CODECS if n in result["codecs"])
+                  + " | bpp counts | source |",
+                  "| --- | ---: | " + " | ".join("---:" for n in OTHER_CODECS if n in result["codecs"]) + " | --- | --- |"]
+        for name, ref in published.items():
+            cells = [f"{_fmt(ref.get('bd_rate_vs', {}).get(n), 1)}%" for n in OTHER_CODECS if n in result["codecs"]]
+            lines.append(f"| {name} | {_fmt(ref.get('bd_rate_of_ncz'), 1)}% | {' | '.join(cells)} | "
+                         f"{ref['bpp_counts']} | [{ref['source'].split('/')[4]}]({ref['source']}) |")
     lines += ["", f"![RD curves]({rel_plot})", "", "## Codecs and settings", ""]
     for name, entry in result["codecs"].items():
         lines.append(f"- **{name}**: {entry['effort']}; {entry['version']}")
@@ -656,6 +677,20 @@ def selftest() -> int:
 # --------------------------------------------------------------------------
 
 
+def load_published(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """Published RD curves by name; each file: name, source, bpp_counts, bpp and psnr lists (rising)."""
+    out = {}
+    for path in paths:
+        ref = json.loads(path.read_text())
+        missing = {"name", "source", "bpp_counts", "bpp", "psnr"} - set(ref)
+        if missing or len(ref["bpp"]) != len(ref["psnr"]) or len(ref["bpp"]) < 4:
+            raise SystemExit(f"{path}: a published curve needs name, source, bpp_counts and >= 4 (bpp, psnr) pairs")
+        if any(b <= a for a, b in zip(ref["bpp"], ref["bpp"][1:])):
+            raise SystemExit(f"{path}: bpp must rise")
+        out[ref["name"]] = {k: ref[k] for k in ("source", "bpp_counts", "bpp", "psnr", "what") if k in ref}
+    return out
+
+
 def compute_bd(result: dict[str, Any]) -> None:
     """Fill ``bd_rate_vs`` (PCHIP, percent), ``bd_rate_detail`` and ``bd_rate_detail_cubic`` of ncz vs each codec."""
     result["bd_rate_vs"], result["bd_rate_detail"], result["bd_rate_detail_cubic"] = {}, {}, {}
@@ -671,6 +706,11 @@ def compute_bd(result: dict[str, Any]) -> None:
         result["bd_rate_detail"][name] = detail
         result["bd_rate_detail_cubic"][name] = bd_rate(other["bpp"], other["psnr"], ncz_entry["bpp"],
                                                        ncz_entry["psnr"], "cubic")
+    for ref in result.get("published", {}).values():
+        ref["bd_rate_of_ncz"] = bd_rate(ref["bpp"], ref["psnr"], ncz_entry["bpp"], ncz_entry["psnr"], "pchip")["bd_rate"]
+        ref["bd_rate_vs"] = {name: bd_rate(result["codecs"][name]["bpp"], result["codecs"][name]["psnr"],
+                                           ref["bpp"], ref["psnr"], "pchip")["bd_rate"]
+                             for name in OTHER_CODECS if name in result["codecs"]}
     sga_entry = result["codecs"].get("ncz-sga")
     if sga_entry is not None:  # the same BD-rates for the SGA encoder, and against ncz's amortized encoder
         result["bd_rate_sga_vs"] = {}
@@ -711,6 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the other codecs' measurements from this earlier JSON (same images, or a superset: "
                         "its per-image numbers are averaged over ours) instead of re-running them: the model "
                         "changes, JPEG/WebP/AVIF/JPEG XL do not")
+    p.add_argument("--published", type=Path, nargs="*", default=sorted(PUBLISHED_DIR.glob("*.json")),
+                   help="published RD curves to draw and compare against (default: bench/reference/*.json)")
     p.add_argument("--selftest", action="store_true", help="check MS-SSIM and BD-rate, then exit")
     return p
 
@@ -723,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path, plot_path = Path(args.json), Path(args.plot)
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
+        result["published"] = load_published(args.published)
         compute_bd(result)
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1))
@@ -793,6 +836,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"rd: {name}")
             result["codecs"][name] = run_pil(name, images, getattr(args, f"{name}_qualities"), args.threads)
 
+    result["published"] = load_published(args.published)
     compute_bd(result)
     result["machine"] = machine_info(args.threads)
     result["loadavg_start"], result["loadavg_end"] = load_start, _loadavg()
