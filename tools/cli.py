@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="codec weights (.ncz); default: the shipped weights")
     p.add_argument("--sga", type=int, default=0, metavar="N",
                    help="refine the latents with N iterations of stochastic Gumbel annealing (Yang et al. 2020): "
-                        "about 5 %% fewer bits at 100 iterations, which take ~30 s for a 768x512 image on 2 cores "
+                        "about 5 %% fewer bits at 100 iterations, which take 20-30 s for a 768x512 image on 2 cores "
                         "(default 0: off)")
     p.add_argument("-v", "--verbose", action="store_true", help="print the real bpp from the file size")
     p.set_defaults(func=cmd_encode)
