@@ -389,6 +389,7 @@ def worker(rank: int, model_name: str, methods: list[str], args: argparse.Namesp
             })
         if rank == 0:
             Path(out).write_text(json.dumps(runs))
+        dist.barrier()  # leave together: tearing gloo down while the peer still runs can abort it
     finally:
         dist.destroy_process_group()
 
