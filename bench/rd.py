@@ -77,6 +77,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "bench" / "results" / "rd_kodak.json"
 DEFAULT_PLOT = REPO / "bench" / "results" / "rd_kodak.png"
 PUBLISHED_DIR = REPO / "bench" / "reference"
+GAP_BPP = (0.2, 0.5, 1.2)  # where the PSNR gap to each published curve is reported
 
 # Quality sweeps chosen to span ~0.1-2 bpp on Kodak (and a little beyond).
 SWEEPS: dict[str, list[int]] = {
@@ -595,15 +596,18 @@ def markdown(result: dict[str, Any], plot_path: Path, md_path: Path) -> str:
             lines.append(f"| {name} | {_fmt(bd, 1)}{'%' if bd is not None else ''} |")
     published = result.get("published", {})
     if published:
+        measured = [n for n in OTHER_CODECS if n in result["codecs"]]
         lines += ["", "Published curves of the same model family, for scale (not measured here; dashed in the plot). "
-                  "\"ncz vs it\": BD-rate of ncz against the published curve; the other columns: BD-rate of the "
+                  "\"ncz vs it\": BD-rate of ncz against the published curve; \"dB below it\": how far ncz's PSNR "
+                  "is under the curve at that bpp (log-bpp interpolation); the other columns: BD-rate of the "
                   "published curve against the codecs measured above.", "",
-                  "| published | ncz vs it | " + " | ".join(f"it vs {n}" for n in OTHER_CODECS if n in result["codecs"])
-                  + " | bpp counts | source |",
-                  "| --- | ---: | " + " | ".join("---:" for n in OTHER_CODECS if n in result["codecs"]) + " | --- | --- |"]
+                  "| published | ncz vs it | dB below it at " + ", ".join(f"{b:g}" for b in GAP_BPP) + " bpp | "
+                  + " | ".join(f"it vs {n}" for n in measured) + " | bpp counts | source |",
+                  "| --- | ---: | ---: | " + " | ".join("---:" for _ in measured) + " | --- | --- |"]
         for name, ref in published.items():
-            cells = [f"{_fmt(ref.get('bd_rate_vs', {}).get(n), 1)}%" for n in OTHER_CODECS if n in result["codecs"]]
-            lines.append(f"| {name} | {_fmt(ref.get('bd_rate_of_ncz'), 1)}% | {' | '.join(cells)} | "
+            cells = [f"{_fmt(ref.get('bd_rate_vs', {}).get(n), 1)}%" for n in measured]
+            gaps = ", ".join(_fmt(ref.get("psnr_gap_db", {}).get(f"{b:g}"), 2) for b in GAP_BPP)
+            lines.append(f"| {name} | {_fmt(ref.get('bd_rate_of_ncz'), 1)}% | {gaps} | {' | '.join(cells)} | "
                          f"{ref['bpp_counts']} | [{ref['source'].split('/')[4]}]({ref['source']}) |")
     lines += ["", f"![RD curves]({rel_plot})", "", "## Codecs and settings", ""]
     for name, entry in result["codecs"].items():
@@ -691,6 +695,11 @@ def load_published(paths: list[Path]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _psnr_at(curve: dict[str, Any], bpp: float) -> float:
+    """PSNR of a rising RD curve at ``bpp``, linear in log bpp."""
+    return float(np.interp(math.log(bpp), np.log(curve["bpp"]), curve["psnr"]))
+
+
 def compute_bd(result: dict[str, Any]) -> None:
     """Fill ``bd_rate_vs`` (PCHIP, percent), ``bd_rate_detail`` and ``bd_rate_detail_cubic`` of ncz vs each codec."""
     result["bd_rate_vs"], result["bd_rate_detail"], result["bd_rate_detail_cubic"] = {}, {}, {}
@@ -711,6 +720,8 @@ def compute_bd(result: dict[str, Any]) -> None:
         ref["bd_rate_vs"] = {name: bd_rate(result["codecs"][name]["bpp"], result["codecs"][name]["psnr"],
                                            ref["bpp"], ref["psnr"], "pchip")["bd_rate"]
                              for name in OTHER_CODECS if name in result["codecs"]}
+        ref["psnr_gap_db"] = {f"{b:g}": _psnr_at(ref, b) - _psnr_at(ncz_entry, b) for b in GAP_BPP
+                              if max(ref["bpp"][0], ncz_entry["bpp"][0]) <= b <= min(ref["bpp"][-1], ncz_entry["bpp"][-1])}
     sga_entry = result["codecs"].get("ncz-sga")
     if sga_entry is not None:  # the same BD-rates for the SGA encoder, and against ncz's amortized encoder
         result["bd_rate_sga_vs"] = {}

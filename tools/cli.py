@@ -237,13 +237,16 @@ def cmd_encode(args: argparse.Namespace) -> int:
     elif args.bpp is not None:
         budget = args.bpp * total_pixels / 8
 
+    def share(pixels, payload_bits: float) -> float:
+        """An image's pixel share of ``payload_bits``."""
+        return payload_bits * pixels.width * pixels.height / total_pixels
+
     def qualities_for(payload_bits: float | None) -> list[float]:
-        """Per image: the fixed quality, or the highest that fits its pixel share of ``payload_bits``."""
+        """Per image: the fixed quality, or the highest that fits its share of ``payload_bits``."""
         if payload_bits is None:
             fixed = (runtime.config.num_levels - 1) / 2 if args.quality is None else args.quality
             return [fixed] * len(images)
-        return [choose_quality(runtime, pixels, payload_bits * pixels.width * pixels.height / total_pixels)
-                for _, pixels in images]
+        return [choose_quality(runtime, pixels, share(pixels, payload_bits)) for _, pixels in images]
 
     def build(qualities: list[float], refine: bool = False, payload_bits: float | None = None) -> tuple[bytes, int]:
         """The archive, and the bytes of its image payloads. With ``refine``, SGA latents replace the
@@ -258,9 +261,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
                         encoded = encode_pixels(runtime, pixels, quality, lambda d, t: bar(d, t, ""), sga=sga)
                     finally:
                         bar.close()
-                    share = None if payload_bits is None else payload_bits * pixels.width * pixels.height / total_pixels
-                    if share is not None and 8 * len(encoded[1]) > share:
-                        encoded = None
+                    if payload_bits is not None and 8 * len(encoded[1]) > share(pixels, payload_bits):
+                        encoded = None  # refined latents may trade rate for distortion: keep the size promise
                 if encoded is None:
                     encoded = encode_pixels(runtime, pixels, quality)
                 payload_bytes += len(encoded[1])
