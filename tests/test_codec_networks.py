@@ -267,3 +267,35 @@ def test_add_levels_keeps_trained_levels_and_extrapolates_new_ones(tmp_path):
     assert add_levels(state, list(TINY["lambdas"])) is state
     with pytest.raises(ValueError):
         add_levels(state, [-1.0])
+
+
+def test_weight_average_tracks_training_and_survives_resume(tmp_path):
+    """The moving average is what evaluation reports and snapshots ship; a checkpoint restores it."""
+    imgs = _images()
+    tr = Trainer(_cfg(tmp_path, ema_decay=0.5), images=imgs, eval_images=[])
+    start = [p.detach().clone() for p in tr.model.parameters()]
+    for _ in range(3):
+        tr.train_step()
+    trained = list(tr.model.parameters())
+    averaged = list(tr.ema_model.parameters())
+    moved = [float((a - s).abs().max()) for a, s in zip(averaged, start)]
+    assert max(moved) > 0, "the average never moved"
+    assert any(not torch.equal(a, t) for a, t in zip(averaged, trained)), "the average is a copy of the iterate"
+    assert tr.export_model is tr.ema_model
+    snap = torch.load(tr.save_weights(tmp_path / "w.pt"), weights_only=True)
+    assert snap["ema"] is True and torch.equal(snap["model"]["g_a.0.weight"], tr.ema_model.g_a[0].weight)
+    ckpt = tr.save_checkpoint()
+    again = Trainer(_cfg(tmp_path, ema_decay=0.5), images=imgs, eval_images=[])
+    again.load_checkpoint(ckpt)
+    assert again.ema_updates == 3
+    for a, b in zip(again.ema_model.parameters(), averaged):
+        assert torch.equal(a, b)
+    # a checkpoint without an average (older runs) starts one at its weights
+    state = torch.load(ckpt, weights_only=True)
+    state["ema"] = None
+    older = Trainer(_cfg(tmp_path, ema_decay=0.5), images=imgs, eval_images=[])
+    older.load_state_dict(state)
+    for a, t in zip(older.ema_model.parameters(), older.model.parameters()):
+        assert torch.equal(a, t)
+    off = Trainer(_cfg(tmp_path, ema_decay=0.0), images=imgs, eval_images=[])
+    assert off.ema_model is None and off.export_model is off.model

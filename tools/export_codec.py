@@ -45,11 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-state", type=Path, default=None,
                         help="also write the float h_s and prior weights (not needed to code images) so a "
                              "later session can continue training with train_codec --init-from")
+    parser.add_argument("--raw", action="store_true",
+                        help="export the trained weights of a checkpoint, not their moving average")
     args = parser.parse_args(argv)
     try:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         net = HyperpriorCodec(CodecConfig.from_dict(state["model_config"]))
-        net.load_state_dict(state["model"])
+        # latest.pt keeps the moving average beside the trained weights; snapshots store what ships in "model"
+        averaged = state.get("ema") if isinstance(state.get("ema"), dict) and not args.raw else None
+        net.load_state_dict(averaged if averaged is not None else state["model"])
         path = export_codec(net.eval(), args.output, _calibration(args.calibration, args.images), step=state.get("step"))
         if args.train_state is not None:
             from ncz.codec.weights import WEIGHTS_RECIPE
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export_codec: error: {exc}", file=sys.stderr)
         return 1
     data = path.read_bytes()
-    print(f"{path}: {len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()}, step {state.get('step')}")
+    kind = "moving average" if averaged is not None or state.get("ema") is True else "trained weights"
+    print(f"{path}: {len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()}, step {state.get('step')} ({kind})")
     return 0
 
 

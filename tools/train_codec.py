@@ -89,14 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this invocation")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                   help="decay of the moving average of the weights that evaluation reports and export ships (0 = off)")
     p.add_argument("--eval-at-start", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
 
 def _fmt_eval(rep: EvalReport) -> str:
-    parts = [f"q{l.level}: {l.bpp:.3f} bpp {l.psnr:.2f} dB" for l in rep.levels]
-    return f"[eval step {rep.step}, {rep.seconds:.0f}s] " + " | ".join(parts)
+    def levels(r: EvalReport) -> str:
+        return " | ".join(f"q{l.level}: {l.bpp:.3f} bpp {l.psnr:.2f} dB" for l in r.levels)
+    text = f"[eval step {rep.step}, {rep.seconds:.0f}s{', EMA' if rep.raw else ''}] " + levels(rep)
+    return text + (f"\n[eval step {rep.step}, raw] " + levels(rep.raw) if rep.raw else "")
 
 
 def main(argv=None) -> int:
@@ -114,8 +118,11 @@ def main(argv=None) -> int:
         bf16=args.bf16, channels_last=args.channels_last, device=device, threads=threads, threads_auto=threads_auto,
         ckpt_every=args.ckpt_every, ckpt_seconds=args.ckpt_minutes * 60, keep_every=args.keep_every,
         eval_every=args.eval_every, log_every=args.log_every, eval_images=tuple(args.eval_images),
-        N=args.N, M=args.M, lambdas=tuple(args.lambdas),
+        N=args.N, M=args.M, lambdas=tuple(args.lambdas), ema_decay=args.ema_decay,
     )
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        print("error: --ema-decay must be in [0, 1)", file=sys.stderr)
+        return 2
     resume_path = Path(args.resume_from) if args.resume_from else (Path(args.out) / "latest.pt" if args.resume else None)
     model_config, resume_state = None, None
     if args.add_lambdas and resume_path is None:
@@ -158,6 +165,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         trainer.step = step
+        trainer.reset_ema()
         print(f"initialised from {', '.join(args.init_from)} at step {step} (fresh optimizer)", flush=True)
     mc = trainer.model_config
     print(f"{len(trainer.images)} training images, {len(trainer.eval_images)} eval images; "
