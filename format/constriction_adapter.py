@@ -9,7 +9,9 @@ Rules kept here so nobody else has to remember them:
 - words are little-endian uint32 on disk (``to_bytes``/``from_bytes``);
 - constriction's ValueError/TypeError/RuntimeError become :class:`StreamError`;
 - an ANS stack decodes zeros from an empty stack without complaint, so callers
-  check ``num_valid_bits`` before borrowing bits (see :class:`AnsStack`).
+  check ``num_valid_bits`` before borrowing bits (see :class:`AnsStack`);
+- symbols are decoded in chunks of at most ``CHUNK`` into a numpy array: a failed
+  allocation inside constriction (Rust) aborts the process, one in numpy raises.
 """
 
 from __future__ import annotations
@@ -55,6 +57,20 @@ def from_bytes(data: bytes | memoryview, where: str) -> np.ndarray:
     return np.frombuffer(data, dtype="<u4").astype(np.uint32, copy=False)
 
 
+CHUNK = 1 << 20  # symbols per call into constriction
+
+
+def _decode_chunked(decode, count: int, model) -> np.ndarray:
+    """``count`` indices from ``decode(model, n)``, at most CHUNK per call."""
+    if count <= CHUNK:
+        return decode(model, count)
+    out = np.empty(count, np.int32)
+    for start in range(0, count, CHUNK):
+        stop = min(start + CHUNK, count)
+        out[start:stop] = decode(model, stop - start)
+    return out
+
+
 Group = tuple[np.ndarray, FrequencyTable]  # table indices, their table
 Plan = tuple[int, FrequencyTable]  # how many indices to decode, with which table
 
@@ -94,7 +110,7 @@ class GroupDecoder:
         if count == 0:
             return np.zeros(0, np.int32)
         try:
-            indices = self._dec.decode(_categorical(table), count)
+            indices = _decode_chunked(self._dec.decode, count, _categorical(table))
         except (ValueError, TypeError, RuntimeError, OverflowError, AssertionError) as exc:
             # constriction signals invalid range-coder data with an AssertionError
             raise StreamError(f"{self.where}: corrupt {self.coder.value} stream ({exc})") from exc
@@ -151,7 +167,7 @@ class AnsStack:
         if count == 0:
             return np.zeros(0, np.int32)
         try:
-            return self._ans.decode(_categorical(table), count)
+            return _decode_chunked(self._ans.decode, count, _categorical(table))
         except (ValueError, RuntimeError, AssertionError) as exc:
             raise StreamError(f"ANS pop failed ({exc})") from exc
 

@@ -48,7 +48,7 @@ from .entropy_tables import (
     fit_table,
 )
 from .enums import Codec
-from .errors import FormatError, StreamError, UsageError
+from .errors import DensityError, FormatError, StreamError, UsageError
 from .section_codecs import SectionCodec, register_codec
 
 __all__ = [
@@ -65,12 +65,18 @@ __all__ = [
     "read_conditional",
     "read_symbols",
     "ESCAPE_BITS",
+    "MAX_SYMBOLS_PER_BYTE",
+    "check_density",
 ]
 
 ESCAPE_CHUNKS = 3
 ESCAPE_BITS = 16 * ESCAPE_CHUNKS
 _UNIFORM16 = FrequencyTable(0, np.full(1 << 16, 1 << (PRECISION - 16)), escape=False)
 _MAX_ESCAPE = 1 << (ESCAPE_BITS - 1)  # |value| below this fits the zigzag chunks
+# A stream can decode any number of symbols from a few bytes (an empty ANS coder
+# pops index 0 forever), so a section's symbol count is bounded by its size:
+# every symbol accounts for at least 1/128 bit of the stream (FORMAT.md §7.1).
+MAX_SYMBOLS_PER_BYTE = 1024
 
 
 class ModelId(enum.IntEnum):
@@ -428,6 +434,21 @@ class BitsBackStack:
 # --- section codecs RANGE (2) and ANS (3) ------------------------------------------
 
 
+def check_density(count: int, stored_length: int, where: str, error: type = FormatError) -> None:
+    """Raise ``error`` unless ``count`` symbols may be stored in ``stored_length`` bytes (FORMAT.md §7.1)."""
+    if count > MAX_SYMBOLS_PER_BYTE * stored_length:
+        raise error(f"{where}: {count} symbols in {stored_length} bytes; an entropy-coded section holds at "
+                    f"most {MAX_SYMBOLS_PER_BYTE} symbols per byte")
+
+
+def _stream_lengths(stored_length: int, decoded_length: int, where: str) -> None:
+    if stored_length % 4:
+        raise FormatError(f"{where}: stored_length {stored_length} is not whole 32-bit words")
+    if decoded_length % 4:
+        raise FormatError(f"{where}: decoded_length {decoded_length} is not a multiple of 4 (int32 symbols)")
+    check_density(decoded_length // 4, stored_length, where)
+
+
 def _coder_of(codec: Codec) -> Coder:
     return Coder.RANGE if codec == Codec.RANGE else Coder.ANS
 
@@ -447,6 +468,7 @@ def _section_encode(codec: Codec):
         if not isinstance(model, CategoricalModel):
             raise UsageError("a conditional model needs write_conditional(), not Writer.add()")
         stored = encode(symbols, model, _coder_of(codec))
+        check_density(symbols.size, len(stored), f"{codec.name} section", DensityError)
         return stored, {"model": int(ModelId.CATEGORICAL), "table": model.table.to_bytes()}
 
     return encode_section
@@ -465,8 +487,7 @@ def _decode_categorical_section(stored: Any, params: Mapping[str, Any], decoded_
     if model_id != ModelId.CATEGORICAL:
         raise UsageError(f"{where}: a conditional ({model_id.name.lower()}) stream; decode it with "
                          "ncz.format.entropy.read_conditional() and its means and scales")
-    if decoded_length % 4:
-        raise FormatError(f"{where}: decoded_length {decoded_length} is not a multiple of 4 (int32 symbols)")
+    _stream_lengths(len(stored), decoded_length, where)
     table = params.get("table")
     if not isinstance(table, bytes):
         raise FormatError(f"{where}: params.table must be bin")
@@ -491,8 +512,9 @@ def read_symbols(reader, name: str) -> np.ndarray:
     where = f"{reader.name}: section {name!r}"
     if info.codec not in (Codec.RANGE, Codec.ANS):
         raise FormatError(f"{where}: codec {info.codec_name} is not an entropy codec")
-    symbols = _decode_categorical_section(reader.stored(name), info.params, info.decoded_length,
-                                          Codec(info.codec), where)
+    stored = reader.stored(name)
+    reader.charge(info.decoded_length, f"section {name!r}")
+    symbols = _decode_categorical_section(stored, info.params, info.decoded_length, Codec(info.codec), where)
     return symbols.astype("<i4", copy=False)
 
 
@@ -502,7 +524,7 @@ def _needs_context(params: Mapping[str, Any]) -> bool:
 
 for _codec in (Codec.RANGE, Codec.ANS):
     register_codec(SectionCodec(_codec, _section_encode(_codec), _section_decode(_codec), aligned=False,
-                                needs_context=_needs_context))
+                                needs_context=_needs_context, check_lengths=_stream_lengths))
 
 
 def write_conditional(writer, name: str, symbols: np.ndarray, model: ConditionalModel, *,
@@ -511,6 +533,7 @@ def write_conditional(writer, name: str, symbols: np.ndarray, model: Conditional
     """Append a conditional stream as a section (its means/scales travel elsewhere)."""
     symbols = _as_symbols(symbols)
     stored = encode(symbols, model, _coder_of(codec))
+    check_density(symbols.size, len(stored), f"section {name!r}", DensityError)
     merged = dict(params or {})
     merged.update({"model": int(_MODEL_OF[model.grid.family]), "grid": model.grid.grid_id})
     return writer.add_stored(name, stored, decoded_length=4 * symbols.size, kind=kind, codec=codec,
@@ -530,4 +553,6 @@ def read_conditional(reader, name: str, model: ConditionalModel) -> np.ndarray:
         raise FormatError(f"{where}: params.grid is {info.params.get('grid')!r}, expected {model.grid.grid_id}")
     if info.decoded_length != 4 * model.size:
         raise FormatError(f"{where}: decoded_length {info.decoded_length} != 4 × {model.size} symbols")
-    return decode(reader.stored(name), model, model.size, _coder_of(Codec(info.codec)), where=where)
+    stored = reader.stored(name)
+    reader.charge(info.decoded_length, f"section {name!r}")
+    return decode(stored, model, model.size, _coder_of(Codec(info.codec)), where=where)

@@ -15,6 +15,8 @@ it to a single line and exit code 1. Library code raises, never prints or exits.
     ├── StreamError               an entropy-coded stream is corrupt, padded or short
     ├── InputError                a non-.ncz input (image, checkpoint) is unusable or unsafe
     └── UsageError                the caller asked for something impossible (bad argument)
+        └── DensityError          an entropy-coded section would hold more symbols per byte
+                                  than FORMAT.md §7.1 allows (store it with another codec)
 
 Each message names the file (when known), the field, and what was expected, so
 that ``str(exc)`` alone is a useful one-line diagnostic. Causes are chained with
@@ -34,6 +36,7 @@ __all__ = [
     "StreamError",
     "InputError",
     "UsageError",
+    "DensityError",
 ]
 
 
@@ -75,3 +78,8 @@ class InputError(NczError):
 
 class UsageError(NczError, ValueError):
     """An API was called with arguments that can never work."""
+
+
+class DensityError(UsageError):
+    """Symbols too predictable for an entropy-coded section (FORMAT.md §7.1): a writer
+    catches it and stores the data with another codec (e.g. ZSTD)."""

@@ -42,6 +42,9 @@ class SectionCodec:
     # and scales of a conditional entropy stream); verify() then checks only
     # the checksum.
     needs_context: Callable[[Mapping[str, Any]], bool] = lambda params: False
+    # check_lengths(stored_length, decoded_length, where): the codec's size rules,
+    # checked when the table is read, before anything is decoded (FORMAT.md §6)
+    check_lengths: Callable[[int, int, str], None] = lambda stored, decoded, where: None
 
 
 _REGISTRY: dict[int, SectionCodec] = {}
@@ -67,9 +70,13 @@ def _raw_encode(data: Buffer, options: Mapping[str, Any]) -> tuple[Buffer, dict[
     return data, {}  # no copy: the writer streams the caller's buffer
 
 
+def _raw_lengths(stored_length: int, decoded_length: int, where: str) -> None:
+    if stored_length != decoded_length:
+        raise FormatError(f"{where}: raw section has stored_length {stored_length} != decoded_length {decoded_length}")
+
+
 def _raw_decode(stored: Buffer, params: Mapping[str, Any], decoded_length: int, where: str) -> bytes:
-    if len(stored) != decoded_length:
-        raise FormatError(f"{where}: raw section stores {len(stored)} bytes but declares {decoded_length}")
+    _raw_lengths(len(stored), decoded_length, where)
     return bytes(stored)
 
 
@@ -92,12 +99,16 @@ def _zstd_encode(data: Buffer, options: Mapping[str, Any]) -> tuple[bytes, dict[
     return compressor.compress(data), {}
 
 
-def _zstd_decode(stored: Buffer, params: Mapping[str, Any], decoded_length: int, where: str) -> bytes:
-    if decoded_length > max(len(stored), 1) * ZSTD_MAX_RATIO:
+def _zstd_lengths(stored_length: int, decoded_length: int, where: str) -> None:
+    if decoded_length > max(stored_length, 1) * ZSTD_MAX_RATIO:
         raise FormatError(
-            f"{where}: decoded_length {decoded_length} is impossible for {len(stored)} zstd bytes"
+            f"{where}: decoded_length {decoded_length} is impossible for {stored_length} zstd bytes"
             f" (max ratio {ZSTD_MAX_RATIO})"
         )
+
+
+def _zstd_decode(stored: Buffer, params: Mapping[str, Any], decoded_length: int, where: str) -> bytes:
+    _zstd_lengths(len(stored), decoded_length, where)
     try:
         declared = zstandard.frame_content_size(stored)
     except zstandard.ZstdError as exc:
@@ -120,5 +131,5 @@ def _zstd_decode(stored: Buffer, params: Mapping[str, Any], decoded_length: int,
     return out
 
 
-register_codec(SectionCodec(Codec.RAW, _raw_encode, _raw_decode, aligned=True))
-register_codec(SectionCodec(Codec.ZSTD, _zstd_encode, _zstd_decode, aligned=False))
+register_codec(SectionCodec(Codec.RAW, _raw_encode, _raw_decode, aligned=True, check_lengths=_raw_lengths))
+register_codec(SectionCodec(Codec.ZSTD, _zstd_encode, _zstd_decode, aligned=False, check_lengths=_zstd_lengths))

@@ -70,14 +70,16 @@ def vector_latents(count: int) -> np.ndarray:
 
 def _entropy(w: Writer) -> None:
     from ncz.format import entropy
-    from ncz.format.entropy_tables import Family
+    from ncz.format.entropy_tables import Family, FrequencyTable
 
     rng = np.random.default_rng(99)
     q = np.round(rng.laplace(0, 4, 3000)).astype("<i4")
     q[::500] = [2**31 - 1, -(2**31), 123456, -654321, 99999, 5]  # far outside the fitted window
     w.add("q-ans", q.tobytes(), kind=Kind.TENSOR, codec=Codec.ANS, params={"dtype": "int32", "shape": [3000]})
     w.add("q-range", q.tobytes(), kind=Kind.TENSOR, codec=Codec.RANGE, params={"dtype": "int32", "shape": [3000]})
-    w.add("one", np.array([42], "<i4").tobytes(), kind=Kind.BLOB, codec=Codec.ANS)
+    # one symbol; a table fitted to it would code it in 0 bytes, which §7.1 forbids
+    one = entropy.CategoricalModel(FrequencyTable(41, np.array([1 << 23, (1 << 23) - 1, 1])))
+    w.add("one", np.array([42], "<i4").tobytes(), kind=Kind.BLOB, codec=Codec.ANS, options={"model": one})
     w.add("none", b"", kind=Kind.BLOB, codec=Codec.RANGE)
     latents = vector_latents(2000)
     means, scales = vector_mean_scale(2000)
