@@ -35,6 +35,7 @@ from .entropy_tables import Family, FrequencyTable, ParametricGrid
 from .enums import Codec, Kind, SectionFlag
 from .errors import (
     ChecksumError,
+    DensityError,
     FormatError,
     InputError,
     LimitError,
@@ -81,4 +82,5 @@ __all__ = [
     "StreamError",
     "InputError",
     "UsageError",
+    "DensityError",
 ]

@@ -26,19 +26,19 @@ from typing import Any
 
 import torch
 
-from ncz.format import InputError, Kind, Reader, UsageError, Writer, atomic_write
+from ncz.format import InputError, Kind, LimitError, Limits, Reader, UsageError, Writer, atomic_write
 from ncz.format import open as open_archive
 
 import importlib
 import importlib.util
 
 from . import lossless, quantized  # noqa: F401 - register their decoders
-from .checkpoint import TensorSource, open_checkpoint
+from .checkpoint import TensorSource, check_name, check_tensor, open_checkpoint
 from .lossless import encode_lossless
 from .quantized import encode_quantized
 from .calibration import Calibration
 from .recipe import Recipe
-from .representation import Encoded, decoder_for, module_builder_for
+from .representation import Encoded, decoder_for, dense_nbytes, module_builder_for
 
 __all__ = ["ENCODERS", "TensorReport", "PackReport", "pack", "iter_tensors", "load_state_dict", "load_into", "unpack",
            "describe", "register_encoder", "LoadReport"]
@@ -79,6 +79,7 @@ class PackReport:
     path: Path
     file_bytes: int
     tensors: list[TensorReport]
+    notes: tuple[str, ...] = ()  # about the source, worth telling the user (e.g. tied weights stored twice)
 
     @property
     def numel(self) -> int:
@@ -123,16 +124,19 @@ def pack(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | TensorSou
         recipe = Recipe.preset(recipe)
     if isinstance(source, Mapping):
         items = list(source.items())
+        for name, tensor in items:
+            if not isinstance(name, str):
+                raise UsageError(f"state dict key {name!r} is not a str")
+            check_tensor(name, tensor, "state_dict")
         names = [n for n, _ in items]
         lookup = dict(items)
         load = lookup.__getitem__
-        source_name = "state_dict"
+        source_name, notes = "state_dict", []
     else:
         src = source if isinstance(source, TensorSource) else open_checkpoint(source)
-        names, load, source_name = src.names, src.load, src.path.name
+        names, load, source_name, notes = src.names, src.load, src.path.name, src.notes
     for name in names:
-        if "#" in name:
-            raise InputError(f"tensor name {name!r} contains '#', which ncz reserves for parts")
+        check_name(name, source_name)
     unknown = set(pre_encoded) - set(names)
     if unknown:
         raise UsageError(f"pre_encoded names {sorted(unknown)[:3]} are not tensors of the checkpoint")
@@ -168,12 +172,15 @@ def pack(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | TensorSou
                 pending.append((name, pool.submit(_encode, name, load(name), recipe, calibration)))
             drain(max(1, workers))
         drain(0)
-    return PackReport(Path(output), os.path.getsize(output), reports)
+    return PackReport(Path(output), os.path.getsize(output), reports, tuple(notes))
 
 
-def _heads(reader: Reader) -> Iterator:
+def _heads(reader: Reader, *, decoding: bool = True) -> list:
+    """The head sections; with ``decoding``, their dense sizes together must fit the
+    reader's per-file budget, checked before any part is read (FORMAT.md §5.4)."""
     if reader.metadata.get("format") != ARCHIVE_TAG:
         raise InputError(f"{reader.name}: not a model archive (header.format is {reader.metadata.get('format')!r})")
+    heads = []
     for info in reader.sections:
         if info.kind == Kind.PART or not info.known:
             continue
@@ -182,12 +189,17 @@ def _heads(reader: Reader) -> Iterator:
                 raise InputError(f"{reader.name}: section {info.name!r} has kind {info.kind_name}, which this "
                                  "build cannot turn into a tensor")
             continue
-        yield info
+        heads.append(info)
+    total = sum(dense_nbytes(h.params) for h in heads)
+    if decoding and total > reader.limits.max_file_decoded_bytes:
+        raise LimitError(f"{reader.name}: its {len(heads)} tensors are {total} bytes dense; the limit is "
+                         f"{reader.limits.max_file_decoded_bytes} (Limits.max_file_decoded_bytes)")
+    return heads
 
 
-def iter_tensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, dense tensor) in archive order, one at a time."""
-    with open_archive(path) as reader:
+def iter_tensors(path: str | os.PathLike[str], *, limits: Limits | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, dense tensor) in archive order, one at a time; ``limits`` raises or lowers the reader caps."""
+    with open_archive(path, limits=limits) as reader:
         for head in _heads(reader):
             tensor = decoder_for(head.kind)(head, reader)
             if list(tensor.shape) != list(head.params["shape"]):
@@ -195,9 +207,9 @@ def iter_tensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tens
             yield head.name, tensor
 
 
-def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | os.PathLike[str], *, limits: Limits | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a model archive, dense, with the original names, dtypes and shapes."""
-    return dict(iter_tensors(path))
+    return dict(iter_tensors(path, limits=limits))
 
 
 @dataclass(frozen=True)
@@ -215,7 +227,7 @@ def _parameter_bytes(model: torch.nn.Module) -> int:
 
 
 def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, factorized: bool = True,
-              strict: bool = True) -> LoadReport:
+              strict: bool = True, limits: Limits | None = None) -> LoadReport:
     """Load a model archive into ``model``.
 
     With ``factorized``, weights stored low-rank, as dictionary codes or as
@@ -226,7 +238,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, factorize
     before = _parameter_bytes(model)
     own = dict(model.state_dict())
     dense, swapped, seen = [], [], set()
-    with open_archive(path) as reader:
+    with open_archive(path, limits=limits) as reader:
         factorizable = []
         # Dense tensors first (biases included), so a builder that keeps the
         # owning module's bias sees the archive's value, not the fresh one.
@@ -265,7 +277,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, factorize
 def describe(path: str | os.PathLike[str]) -> list[TensorReport]:
     """Per-tensor representation, size and recorded error, without decoding."""
     with open_archive(path) as reader:
-        heads = list(_heads(reader))
+        heads = _heads(reader, decoding=False)
         sizes: dict[str, int] = {h.name: 0 for h in heads}
         for info in reader.sections:
             owner = info.name.split("#", 1)[0]
@@ -284,20 +296,19 @@ def describe(path: str | os.PathLike[str]) -> list[TensorReport]:
 
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int8": "I8", "uint8": "U8",
               "int16": "I16", "int32": "I32", "int64": "I64", "bool": "BOOL"}
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int16": 2, "int32": 4,
-             "int64": 8, "bool": 1}
 
 
-def unpack(path: str | os.PathLike[str], output: str | os.PathLike[str], progress: Progress | None = None) -> int:
+def unpack(path: str | os.PathLike[str], output: str | os.PathLike[str], progress: Progress | None = None, *,
+           limits: Limits | None = None) -> int:
     """Restore dense tensors to ``.safetensors`` (streamed) or ``.pt``; returns the tensor count."""
     output = Path(output)
     if output.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
         raise UsageError(f"{output}: output must end in .safetensors or .pt")
-    with open_archive(path) as reader:
-        heads = list(_heads(reader))
+    with open_archive(path, limits=limits) as reader:
+        heads = _heads(reader)
     if output.suffix != ".safetensors":
         tensors = {}
-        for index, (name, tensor) in enumerate(iter_tensors(path)):
+        for index, (name, tensor) in enumerate(iter_tensors(path, limits=limits)):
             tensors[name] = tensor
             if progress:
                 progress(index + 1, len(heads), name)
@@ -307,12 +318,13 @@ def unpack(path: str | os.PathLike[str], output: str | os.PathLike[str], progres
     header: dict[str, Any] = {"__metadata__": {"format": "pt", "source": "ncz"}}
     offset = 0
     for h in heads:
+        if h.name == "__metadata__":  # safetensors would read it as its metadata block
+            raise InputError(f"{path}: tensor {h.name!r} cannot be stored in safetensors (the name is reserved "
+                             "there); unpack to .pt instead")
         dtype = h.params["dtype"]
         if dtype not in _ST_DTYPES:
             raise UsageError(f"{h.name!r}: dtype {dtype} has no safetensors equivalent")
-        size = _ITEMSIZE[dtype]
-        for d in h.params["shape"]:
-            size *= d
+        size = dense_nbytes(h.params)
         header[h.name] = {"dtype": _ST_DTYPES[dtype], "shape": h.params["shape"], "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -321,7 +333,7 @@ def unpack(path: str | os.PathLike[str], output: str | os.PathLike[str], progres
     def write(handle) -> None:
         handle.write(struct.pack("<Q", len(blob)))
         handle.write(blob)
-        for index, (name, tensor) in enumerate(iter_tensors(path)):
+        for index, (name, tensor) in enumerate(iter_tensors(path, limits=limits)):
             handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
             if progress:
                 progress(index + 1, len(heads), name)

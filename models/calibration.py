@@ -121,7 +121,10 @@ class Calibration:
         if meta.get("content") != CALIBRATION_TAG:
             raise InputError(f"{path}: not a calibration file (header content {meta.get('content')!r}, "
                              f"expected {CALIBRATION_TAG!r})")
-        out = cls(samples=int(meta.get("samples", 0) or 0), source=str(meta.get("calibration_source", "")))
+        samples = meta.get("samples", 0)
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise InputError(f"{path}: header samples must be a non-negative integer, got {samples!r}")
+        out = cls(samples=samples, source=str(meta.get("calibration_source", "")))
         for name, tensor in iter_tensors(path):
             kind, _, weight = name.partition("/")
             if kind == "hessian" and tensor.dim() == 2 and tensor.shape[0] == tensor.shape[1]:

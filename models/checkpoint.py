@@ -3,7 +3,10 @@
 Nothing is unpickled beyond what ``torch.load(weights_only=True)`` allows: a
 checkpoint that needs arbitrary objects is refused with a clear message. Tensors
 are yielded one at a time (safetensors and ``mmap=True`` state dicts are read
-lazily), so packing streams a large model.
+lazily), so packing streams a large model. Nothing is lost or blown up quietly:
+two entries that flatten to one name, a view whose elements share storage
+(``expand``), and shard paths that leave the model folder are refused; tensors
+sharing storage with another (tied weights) are noted and stored each.
 """
 
 from __future__ import annotations
@@ -12,14 +15,37 @@ import json
 import pickle
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ncz.format import InputError
 
-__all__ = ["TensorSource", "open_checkpoint"]
+__all__ = ["TensorSource", "open_checkpoint", "check_name", "check_tensor"]
+
+RESERVED_NAMES = ("__metadata__",)  # safetensors' metadata key: unpack could not write it
+
+
+def check_name(name: str, where: object) -> None:
+    """Refuse tensor names an archive cannot hold (FORMAT.md §5.4)."""
+    if "#" in name:
+        raise InputError(f"{where}: tensor name {name!r} contains '#', which ncz reserves for parts")
+    if name in RESERVED_NAMES:
+        raise InputError(f"{where}: a tensor is named {name!r}, which safetensors reserves; rename it")
+
+
+def check_tensor(name: str, tensor: torch.Tensor, where: object) -> None:
+    """Refuse a view whose elements overlap in memory (``expand``, ``as_strided``):
+    storing it would densify it, possibly to terabytes. Checked on metadata only."""
+    if not isinstance(tensor, torch.Tensor):
+        raise InputError(f"{where}: {name!r} is a {type(tensor).__name__}, not a tensor")
+    if tensor.numel() == 0:
+        return
+    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
+    if span < tensor.numel():
+        raise InputError(f"{where}: tensor {name!r} has {tensor.numel()} elements over storage for {span} "
+                         "(an expanded or overlapping view); save tensor.contiguous() or .clone() instead")
 
 
 @dataclass
@@ -29,6 +55,7 @@ class TensorSource:
     path: Path
     names: list[str]
     _loaders: dict
+    notes: list[str] = field(default_factory=list)  # worth telling the user, not errors
 
     def load(self, name: str) -> torch.Tensor:
         return self._loaders[name]()
@@ -41,7 +68,7 @@ class TensorSource:
         return len(self.names)
 
 
-def _from_safetensors(files: list[Path]) -> tuple[list[str], dict]:
+def _from_safetensors(files: list[Path]) -> tuple[list[str], dict, list[str]]:
     from safetensors import safe_open
 
     names, loaders = [], {}
@@ -49,6 +76,8 @@ def _from_safetensors(files: list[Path]) -> tuple[list[str], dict]:
         try:
             handle = safe_open(str(file), framework="pt")
             keys = list(handle.keys())
+        except FileNotFoundError as exc:
+            raise InputError(f"{file}: no such file") from exc
         except Exception as exc:  # safetensors raises its own SafetensorError and OSError
             raise InputError(f"{file}: not a readable safetensors file ({exc})") from exc
         for key in keys:
@@ -56,19 +85,41 @@ def _from_safetensors(files: list[Path]) -> tuple[list[str], dict]:
                 raise InputError(f"{file}: tensor {key!r} appears in two shards")
             names.append(key)
             loaders[key] = (lambda h=handle, k=key: h.get_tensor(k))
-    return names, loaders
+    return names, loaders, []
 
 
-def _flatten(obj, prefix: str, out: dict, where: Path) -> None:
+def _flatten(obj, prefix: str, out: dict, where: Path, depth: int = 0) -> None:
+    if depth > 64:
+        raise InputError(f"{where}: containers nested deeper than 64 levels at {prefix!r}")
     if isinstance(obj, torch.Tensor):
+        if prefix in out:  # {'a': {'b': t}, 'a.b': u} or {1: t, '1': u}: one would be lost
+            raise InputError(f"{where}: two entries flatten to the tensor name {prefix!r}; rename one")
         out[prefix] = obj
     elif isinstance(obj, dict):
         for key, value in obj.items():
-            _flatten(value, f"{prefix}.{key}" if prefix else str(key), out, where)
+            _flatten(value, f"{prefix}.{key}" if prefix else str(key), out, where, depth + 1)
+    elif isinstance(obj, (list, tuple)):  # nn.ModuleList-style names: layers.0, layers.1, ...
+        for index, value in enumerate(obj):
+            _flatten(value, f"{prefix}.{index}" if prefix else str(index), out, where, depth + 1)
     # other leaves (ints, strings, optimizer hyper-parameters) carry no weights: skipped
 
 
-def _from_state_dict(file: Path) -> tuple[list[str], dict]:
+def _shared_storage_notes(tensors: dict[str, torch.Tensor], where: Path) -> list[str]:
+    """Tensors that share storage (tied weights): each is stored, which costs the bytes twice."""
+    first: dict[tuple[int, int], str] = {}
+    notes = []
+    for name, tensor in tensors.items():
+        if tensor.numel() == 0:
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in first:
+            notes.append(f"{where}: {name!r} shares storage with {first[key]!r} (tied weights); both are stored")
+        else:
+            first[key] = name
+    return notes
+
+
+def _from_state_dict(file: Path) -> tuple[list[str], dict, list[str]]:
     try:
         obj = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
@@ -77,15 +128,19 @@ def _from_state_dict(file: Path) -> tuple[list[str], dict]:
         raise InputError(
             f"{file}: refused: loading it would unpickle arbitrary Python objects{what}; only plain tensors "
             "are accepted (torch.load weights_only=True): save a state_dict or safetensors instead") from exc
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise InputError(f"{file}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})") from exc
+    except (RuntimeError, OSError, EOFError, ValueError, MemoryError) as exc:
+        # torch's own text speaks of its internals (mmap, zip records): not for the user
+        raise InputError(f"{file}: not a checkpoint ncz can read (expected a torch.save state_dict, "
+                         "a .safetensors file or a Hugging Face model folder)") from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     tensors: dict[str, torch.Tensor] = {}
     _flatten(obj, "", tensors, file)
     if not tensors:
         raise InputError(f"{file}: holds no tensors")
-    return list(tensors), {k: (lambda t=t: t) for k, t in tensors.items()}
+    for name, tensor in tensors.items():
+        check_tensor(name, tensor, file)
+    return list(tensors), {k: (lambda t=t: t) for k, t in tensors.items()}, _shared_storage_notes(tensors, file)
 
 
 def open_checkpoint(path: str | Path) -> TensorSource:
@@ -98,27 +153,40 @@ def open_checkpoint(path: str | Path) -> TensorSource:
     if path.is_dir():
         index = path / "model.safetensors.index.json"
         if index.exists():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise InputError(f"{index}: not a valid safetensors index ({exc})") from exc
-            names, loaders = _from_safetensors([path / s for s in shards])
+            names, loaders, notes = _from_safetensors(_shards(index))
         elif (path / "model.safetensors").exists():
-            names, loaders = _from_safetensors([path / "model.safetensors"])
+            names, loaders, notes = _from_safetensors([path / "model.safetensors"])
         elif (path / "pytorch_model.bin").exists():
-            names, loaders = _from_state_dict(path / "pytorch_model.bin")
+            names, loaders, notes = _from_state_dict(path / "pytorch_model.bin")
         else:
             raise InputError(f"{path}: folder has no model.safetensors or pytorch_model.bin")
     elif path.suffix == ".safetensors":
-        names, loaders = _from_safetensors([path])
+        names, loaders, notes = _from_safetensors([path])
     else:
         with open(path, "rb") as handle:
             magic = handle.read(8)
         if magic[:1] == b"{" or (len(magic) == 8 and int.from_bytes(magic, "little") < 100_000_000 and path.suffix not in (".pt", ".pth", ".bin", ".ckpt")):
-            names, loaders = _from_safetensors([path])
+            names, loaders, notes = _from_safetensors([path])
         else:
-            names, loaders = _from_state_dict(path)
+            names, loaders, notes = _from_state_dict(path)
     for name in names:
-        if "#" in name:
-            raise InputError(f"{path}: tensor name {name!r} contains '#', which ncz reserves for parts")
-    return TensorSource(path, names, loaders)
+        check_name(name, path)
+    return TensorSource(path, names, loaders, notes)
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files a sharded safetensors index names, each inside the index's folder."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{index}: not a valid safetensors index (needs a weight_map object)") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputError(f"{index}: weight_map must map tensor names to shard file names (strings)")
+    shards = []
+    for shard in sorted(set(weight_map.values())):
+        # a bare file name: no folders, no '..', nothing absolute (symlinks, as in the
+        # Hugging Face cache, are the owner's business and are followed)
+        if not shard or shard in (".", "..") or any(c in shard for c in "/\\\0") or Path(shard).is_absolute():
+            raise InputError(f"{index}: shard {shard!r} is not a file name inside {index.parent}")
+        shards.append(index.parent / shard)
+    return shards

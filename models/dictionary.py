@@ -132,6 +132,7 @@ from .representation import (
     read_part,
     register_decoder,
     register_module,
+    symbol_payload,
     torch_dtype,
 )
 
@@ -628,7 +629,7 @@ def _sections(members: list[_Member], d: int, best: _Realized) -> list[Encoded]:
                   ("value", code.q, "int32", [code.q.size]), ("step", code.step, "float32", [1, 1])]
         for key, array, dtype, shape in parts:
             if dtype == "int32":
-                payload = encode_payload(array.astype("<i4").tobytes(), Codec.ANS)
+                payload = symbol_payload(array)
             else:
                 payload = encode_payload(array.astype("<f4").tobytes(), Codec.RAW)
             sections.append(PendingSection(part_name(m.name, key), payload, Kind.PART,
@@ -1150,7 +1151,7 @@ def _decode_parts(head: SectionInfo, reader: Reader):
         raise InputError(f"{reader.name}: {head.name!r}: sparsity {sparsity} exceeds the {atoms} atoms")
     if shape[0] != blocks * dim:
         raise InputError(f"{reader.name}: {head.name!r}: shape[0]={shape[0]} is not blocks×dim={blocks}×{dim}")
-    cols = int(np.prod(shape[1:], dtype=np.int64))
+    cols = math.prod(shape[1:])  # exact (the container capped the dense size)
     counts = read_part(reader, head, "count", dtype="int32")
     if counts.size != blocks * cols:
         raise InputError(f"{reader.name}: {head.name!r} has {counts.size} column counts, expected {blocks * cols}")

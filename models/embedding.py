@@ -98,6 +98,7 @@ from .representation import (
     register_module,
     relative_error,
     smallest_payload,
+    symbol_payload,
     torch_dtype,
 )
 
@@ -327,7 +328,7 @@ def _store_codebooks(name: str, codebooks: torch.Tensor, storage: str,
     q, steps, _ = quantize(w2, rel_error=rel_error, granularity="channel")
     restored = torch.from_numpy(q.astype(np.float32) * steps).reshape(s, m, k, sub)
     parts = [
-        PendingSection(part_name(name, "codebooks"), encode_payload(q.astype("<i4").tobytes(), Codec.ANS), Kind.PART,
+        PendingSection(part_name(name, "codebooks"), symbol_payload(q), Kind.PART,
                        {"dtype": "int32", "shape": [s * m, k * sub]}),
         PendingSection(part_name(name, "steps"),
                        smallest_payload(steps.astype("<f4").tobytes(), _FLOAT_CODECS),
@@ -399,7 +400,7 @@ def encode_codebook(name: str, tensor: torch.Tensor, *, subspaces: int | None = 
     params = {"dtype": dtype_name(tensor.dtype), "shape": [v, d], "M": m, "K": k, "stages": s, "codebook": codebook}
     head = PendingSection(name, encode_payload(b"", Codec.RAW), Kind.CODEBOOK, params)
     code_part = PendingSection(part_name(name, "codes"),
-                               encode_payload(codes.numpy().astype("<i4").tobytes(), Codec.ANS), Kind.PART,
+                               symbol_payload(codes.numpy()), Kind.PART,
                                {"dtype": "int32", "shape": [v, s * m]})
     return Encoded(name, f"codebook/M{m}K{k}S{s}", [head, code_part, *parts], tensor.numel(), err)
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ncz.format import Codec, InputError, Kind, Reader, SectionInfo, encode_payload
+import math
+
+from ncz.format import Codec, DensityError, InputError, Kind, Reader, SectionInfo, encode_payload
 from ncz.format.entropy import read_symbols
 
 from .representation import (
@@ -63,8 +65,11 @@ def _raw_or_zstd(data: bytes | memoryview, level: int):
 def _plane_payload(plane: np.ndarray, level: int):
     best, dtype = _raw_or_zstd(plane.tobytes(), level), "uint8"
     if plane.size >= 64 and _order0_bytes(plane) + 64 < 0.995 * best.stored_length:
-        ans = encode_payload(plane.astype("<i4").tobytes(), Codec.ANS)
-        if ans.stored_length < best.stored_length:
+        try:
+            ans = encode_payload(plane.astype("<i4").tobytes(), Codec.ANS)
+        except DensityError:  # too predictable for ANS (FORMAT.md §7.1): zstd/raw it is
+            ans = None
+        if ans is not None and ans.stored_length < best.stored_length:
             best, dtype = ans, "int32"
     return best, dtype
 
@@ -139,7 +144,7 @@ def decode_byte_planes(head: SectionInfo, reader: Reader) -> torch.Tensor:
         raise InputError(f"{reader.name}: byte-plane tensor {head.name!r} has dtype {dtype_str!r}; planes are for floats")
     size = _ITEMSIZE[dtype_str]
     shape = head.params["shape"]
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # exact (the container capped the dense size)
     out = np.empty((count, size), dtype=np.uint8)  # the tensor's bytes; each plane fills one column
     for k in range(size):
         out[:, k] = _plane(reader, head, k, count)

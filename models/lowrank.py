@@ -102,6 +102,7 @@ from .representation import (
     register_decoder,
     register_module,
     smallest_payload,
+    symbol_payload,
     torch_dtype,
 )
 
@@ -698,11 +699,11 @@ def _lowrank_sections(name: str, tensor: torch.Tensor, shape: list[int], m: int,
     steps = [(Codec.RAW, None), (Codec.ZSTD, {"level": 19})]
     sections = [
         PendingSection(name, encode_payload(b"", Codec.RAW), Kind.LOW_RANK, params),
-        PendingSection(part_name(name, "u"), encode_payload(qu.astype("<i4").tobytes(), Codec.ANS), Kind.PART,
+        PendingSection(part_name(name, "u"), symbol_payload(qu), Kind.PART,
                        {"dtype": "int32", "shape": [m, int(rank)]}),
         PendingSection(part_name(name, "u_step"), smallest_payload(step_u.astype("<f4").tobytes(), steps), Kind.PART,
                        {"dtype": "float32", "shape": [int(rank)]}),
-        PendingSection(part_name(name, "v"), encode_payload(qv.astype("<i4").tobytes(), Codec.ANS), Kind.PART,
+        PendingSection(part_name(name, "v"), symbol_payload(qv), Kind.PART,
                        {"dtype": "int32", "shape": [int(rank), n]}),
         PendingSection(part_name(name, "v_step"), smallest_payload(step_v.astype("<f4").tobytes(), steps), Kind.PART,
                        {"dtype": "float32", "shape": [int(rank)]}),

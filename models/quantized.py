@@ -76,6 +76,7 @@ from .representation import (
     part_name,
     read_part,
     register_decoder,
+    symbol_payload,
     torch_dtype,
 )
 
@@ -543,6 +544,12 @@ def encode_quantized(name: str, tensor: torch.Tensor, *, rel_error: float | None
     output error of plain rounding at ``rel_error`` — or at ``calibrated_rel_error``
     when given, the recipe's allocation for calibrated packing — is met with fewer
     bits (:func:`quantize_calibrated`)."""
+    for key, value in (("rel_error", rel_error), ("bits", bits), ("calibrated_rel_error", calibrated_rel_error)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < math.inf):
+            raise UsageError(f"{name}: {key} must be a number > 0, got {value!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise UsageError(f"{name}: group_size must be an integer >= 1, got {group_size!r}")
     if calibration is not None and calibrated_rel_error is not None and rel_error is not None:
         rel_error = calibrated_rel_error
     if not tensor.is_floating_point():
@@ -579,8 +586,8 @@ def encode_quantized(name: str, tensor: torch.Tensor, *, rel_error: float | None
         params["group_size"] = group_size
 
     def codes_part(part: str, codes: np.ndarray) -> PendingSection:
-        return PendingSection(part_name(name, part), encode_payload(codes.astype("<i4").tobytes(), Codec.ANS),
-                              Kind.PART, {"dtype": "int32", "shape": list(codes.shape)})
+        return PendingSection(part_name(name, part), symbol_payload(codes), Kind.PART,
+                              {"dtype": "int32", "shape": list(codes.shape)})
 
     width = _pair_width(q)
     symbols = q.ravel() if width is None else pair_symbols(q, width)
@@ -589,7 +596,7 @@ def encode_quantized(name: str, tensor: torch.Tensor, *, rel_error: float | None
     head = PendingSection(name, encode_payload(b"", Codec.RAW), Kind.QUANTIZED, params)
     sections = [
         head,
-        PendingSection(part_name(name, "q"), encode_payload(symbols.astype("<i4").tobytes(), Codec.ANS), Kind.PART,
+        PendingSection(part_name(name, "q"), symbol_payload(symbols), Kind.PART,
                        {"dtype": "int32", "shape": [symbols.size]}),
         codes_part("step", result.row_codes),
     ]
@@ -612,7 +619,7 @@ def decode_quantized(head: SectionInfo, reader: Reader) -> torch.Tensor:
     granularity = head.params.get("granularity")
     if granularity not in GRANULARITIES:
         raise InputError(f"{reader.name}: {head.name!r}: params.granularity must be one of {GRANULARITIES}")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # exact (the container capped the dense size)
     rows = shape[0] if len(shape) >= 2 else 1
     cols = count // rows if rows else 0
     q_info = reader.info(part_name(head.name, "q")) if part_name(head.name, "q") in reader else None
@@ -624,6 +631,8 @@ def decode_quantized(head: SectionInfo, reader: Reader) -> torch.Tensor:
     step_info = reader.info(part_name(head.name, "step")) if part_name(head.name, "step") in reader else None
     if step_info is not None and step_info.params.get("dtype") == "float32":  # steps stored as floats
         steps = read_part(reader, head, "step", dtype="float32").astype(np.float32)
+        if steps.size and not (np.isfinite(steps).all() and (steps > 0).all()):
+            raise InputError(f"{reader.name}: {head.name!r}: quantization steps must be finite and > 0")
     else:  # step codes × step_base
         base = head.params.get("step_base")
         if isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base) or base <= 0:
@@ -636,7 +645,9 @@ def decode_quantized(head: SectionInfo, reader: Reader) -> torch.Tensor:
         q = unpair_symbols(q, width, count, f"{reader.name}: {head.name!r}")
     if q.size != count:
         raise InputError(f"{reader.name}: {head.name!r} has {q.size} indices for {count} weights")
-    group_size = int(head.params.get("group_size", 1)) if granularity == "group" else 1
+    group_size = head.params.get("group_size", 1) if granularity == "group" else 1
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise InputError(f"{reader.name}: {head.name!r}: params.group_size must be an int, got {group_size!r}")
     if granularity == "group" and (group_size <= 0 or cols % group_size):
         raise InputError(f"{reader.name}: {head.name!r}: group_size {group_size} does not divide {cols}")
     expected = {"tensor": (1, 1), "channel": (rows, 1), "rowcol": (rows, 1),

@@ -40,6 +40,18 @@ from ncz.format import InputError, UsageError
 __all__ = ["Rule", "Recipe", "PRESETS", "TENSOR_CLASSES", "tiered"]
 
 _RULE_KEYS = {"pattern", "representation", "ndim", "min_numel"}
+# encoder options whose type and range a recipe file must get right (checked on load, not mid-pack)
+_POSITIVE_NUMBERS = {"rel_error", "calibrated_rel_error", "bits", "factor_rel_error", "ratio", "codebook_rel_error"}
+_POSITIVE_INTS = {"group_size", "rank", "centroids", "subspaces", "stages", "iterations", "zstd_level", "dim"}
+
+
+def _check_option(where: str, key: str, value: Any) -> None:
+    if key in _POSITIVE_NUMBERS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise UsageError(f"{where}: {key} must be a number > 0, got {value!r}")
+    elif key in _POSITIVE_INTS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{where}: {key} must be an integer >= 1, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -88,12 +100,21 @@ class Recipe:
         for index, raw in enumerate(raw_rules):
             if not isinstance(raw, dict) or "pattern" not in raw or "representation" not in raw:
                 raise UsageError(f"recipe {name!r}: rule {index} needs 'pattern' and 'representation'")
+            where = f"recipe {name!r}: rule {index}"
             ndim = raw.get("ndim")
             if isinstance(ndim, int):
                 ndim = (ndim,)
-            rules.append(Rule(str(raw["pattern"]), str(raw["representation"]),
-                              {k: v for k, v in raw.items() if k not in _RULE_KEYS},
-                              tuple(ndim) if ndim is not None else None, int(raw.get("min_numel", 0))))
+            if ndim is not None and (not isinstance(ndim, (list, tuple))
+                                     or not all(isinstance(d, int) and not isinstance(d, bool) for d in ndim)):
+                raise UsageError(f"{where}: ndim must be an integer or a list of integers, got {ndim!r}")
+            min_numel = raw.get("min_numel", 0)
+            if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
+                raise UsageError(f"{where}: min_numel must be an integer >= 0, got {min_numel!r}")
+            options = {k: v for k, v in raw.items() if k not in _RULE_KEYS}
+            for key, value in options.items():
+                _check_option(where, key, value)
+            rules.append(Rule(str(raw["pattern"]), str(raw["representation"]), options,
+                              tuple(ndim) if ndim is not None else None, min_numel))
         return cls(str(data.get("name", name)), tuple(rules))
 
     @classmethod

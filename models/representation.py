@@ -20,7 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ncz.format import Codec, EncodedPayload, InputError, Kind, Reader, SectionInfo, UsageError, encode_payload
+from ncz.format import (
+    Codec,
+    DensityError,
+    EncodedPayload,
+    InputError,
+    Kind,
+    Reader,
+    SectionInfo,
+    UsageError,
+    encode_payload,
+)
 
 __all__ = [
     "PendingSection",
@@ -36,6 +46,8 @@ __all__ = [
     "part_name",
     "read_part",
     "smallest_payload",
+    "symbol_payload",
+    "dense_nbytes",
     "relative_error",
 ]
 
@@ -45,6 +57,8 @@ DTYPE_NAMES = {
     torch.bool: "bool",
 }  # fmt: skip
 _TORCH_OF = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int16": 2, "int32": 4,
+            "int64": 8, "bool": 1, "uint16": 2, "uint32": 4, "uint64": 8}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -146,6 +160,24 @@ def read_part(reader: Reader, head: SectionInfo, part: str, *, dtype: str | None
     data = reader.view(name) if info.codec == Codec.RAW else reader.read(name)
     np_dtype = np.dtype(declared).newbyteorder("<") if declared != "bfloat16" else np.dtype("<u2")
     return np.frombuffer(data, dtype=np_dtype).reshape(info.params["shape"])
+
+
+def symbol_payload(symbols: np.ndarray, zstd_level: int = 19) -> EncodedPayload:
+    """int32 symbols as an ANS payload, or ZSTD when they are too predictable for
+    an entropy-coded section (FORMAT.md §7.1: at most 1024 symbols per byte)."""
+    data = np.ascontiguousarray(symbols, dtype="<i4").tobytes()
+    try:
+        return encode_payload(data, Codec.ANS)
+    except DensityError:
+        return encode_payload(data, Codec.ZSTD, {"level": zstd_level})
+
+
+def dense_nbytes(params: dict) -> int:
+    """Bytes of the dense tensor a head describes (Python ints: no wrap-around)."""
+    count = 1
+    for dim in params["shape"]:
+        count *= int(dim)
+    return count * ITEMSIZE[params["dtype"]]
 
 
 def smallest_payload(data: bytes | memoryview, candidates: list[tuple[Codec, dict | None]]) -> EncodedPayload:

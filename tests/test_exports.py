@@ -12,7 +12,7 @@ EXPECTED = {
         "open_bytes",
         "EncodedPayload", "encode_payload",
         "Codec", "Kind", "SectionFlag", "NczError", "FormatError", "TruncatedError", "UnsupportedError",
-        "VersionError", "ChecksumError", "LimitError", "StreamError", "InputError", "UsageError",
+        "VersionError", "ChecksumError", "LimitError", "StreamError", "InputError", "UsageError", "DensityError",
         "entropy", "Coder", "ModelId", "Family", "FrequencyTable", "ParametricGrid", "CategoricalModel",
         "ConditionalModel", "BitsBackStack",
     },

@@ -19,6 +19,7 @@ from ncz.models.quantized import (
     unpair_symbols,
 )
 from ncz.models.recipe import TENSOR_CLASSES, tiered
+from ncz.models.representation import symbol_payload
 
 
 def _recipe(**options) -> Recipe:
@@ -51,7 +52,8 @@ def _set_part(path, out, part, symbols: np.ndarray, shape):
     def change(info, reader, writer):
         if info.name != part:
             return False
-        writer.add_encoded(part, encode_payload(symbols.astype("<i4").tobytes(), Codec.ANS), kind=nf.Kind.PART,
+        # constant symbols are too predictable for ANS (FORMAT.md §7.1): symbol_payload falls back to zstd
+        writer.add_encoded(part, symbol_payload(symbols), kind=nf.Kind.PART,
                            params={"dtype": "int32", "shape": list(shape)})
         return True
 
