@@ -36,7 +36,8 @@ from torch import nn
 
 from ncz.format import InputError
 
-__all__ = ["IntegerLayer", "IntegerHyperSynthesis", "WEIGHT_BITS", "ACTIVATION_LIMIT"]
+__all__ = ["IntegerLayer", "IntegerHyperSynthesis", "IntegerContext", "quantize_conv", "requantize",
+           "WEIGHT_BITS", "ACTIVATION_LIMIT"]
 
 WEIGHT_BITS = 8  # per output channel; h_s outputs move by ~0.1% of σ vs float (measured), rate cost negligible
 WEIGHT_LIMIT = (1 << (WEIGHT_BITS - 1)) - 1  # 127
@@ -99,6 +100,68 @@ class IntegerLayer:
         return out
 
 
+#: rows per band when the integer nets run over a large grid: bands bound the float64 activations
+#: (a 67-megapixel image would need GBs at once); integer results do not depend on the banding.
+BAND_ROWS = 32
+
+
+def by_row_bands(fn, inputs: Sequence[torch.Tensor], *, band: int, halo: int, scale: int = 1) -> torch.Tensor:
+    """``fn(*inputs)`` computed over bands of ``band`` input rows with ``halo`` rows of context.
+
+    ``scale``: output rows per input row. Exact for integer networks whose receptive field is within
+    ``halo`` input rows (each band's kept rows see exactly the inputs the whole-grid call would).
+    """
+    rows = inputs[0].shape[2]
+    if rows <= band + 2 * halo:
+        return fn(*inputs)
+    parts = []
+    for top in range(0, rows, band):
+        bottom = min(rows, top + band)
+        t, b = max(0, top - halo), min(rows, bottom + halo)
+        out = fn(*(v[:, :, t:b] for v in inputs))
+        parts.append(out[:, :, (top - t) * scale:(bottom - t) * scale])
+    return torch.cat(parts, dim=2)
+
+
+def requantize(v: torch.Tensor, step: float) -> torch.Tensor:
+    """Float64 values to the integer grid of ``step`` (round half up, clipped): one IEEE division each."""
+    return torch.floor(v / step + 0.5).clamp_(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)
+
+
+def quantize_conv(conv: nn.Module, in_step: float, leaky: bool, out_peak: float | None, *,
+                  weight: torch.Tensor | None = None, input_steps: np.ndarray | None = None) -> IntegerLayer:
+    """An :class:`IntegerLayer` for a trained (transposed) convolution.
+
+    ``in_step``: step of the integer input; ``input_steps`` instead gives one
+    step per input channel (inputs concatenated from differently scaled
+    sources), folded into the float weights before they are quantized.
+    ``out_peak``: the largest output magnitude to represent (None: the last
+    layer, float output). ``weight`` overrides ``conv.weight`` (e.g. a masked kernel).
+    Weights: 8 bits per output channel.
+    """
+    transposed = isinstance(conv, nn.ConvTranspose2d)
+    w = (conv.weight if weight is None else weight).detach().double().numpy()
+    if input_steps is not None:
+        in_axis = 0 if transposed else 1
+        shape = [1, 1, 1, 1]
+        shape[in_axis] = -1
+        w = w * np.asarray(input_steps, np.float64).reshape(shape)
+        in_step = 1.0
+    axis = 1 if transposed else 0
+    reduce_axes = tuple(a for a in range(4) if a != axis)
+    w_max = np.abs(w).max(axis=reduce_axes)
+    w_step = np.where(w_max > 0, w_max / WEIGHT_LIMIT, 1.0)
+    shape = [1, 1, 1, 1]
+    shape[axis] = -1
+    w_int = np.rint(w / w_step.reshape(shape)).astype(np.int32)
+    out_step = 0.0 if out_peak is None else max(out_peak, 1e-6) / ACTIVATION_LIMIT
+    bias = conv.bias.detach().double().numpy() if conv.bias is not None else np.zeros(len(w_step))
+    return IntegerLayer(
+        transposed=transposed, weight=w_int, scale=(in_step * w_step).astype(np.float64), bias=bias,
+        stride=conv.stride[0], padding=conv.padding[0],
+        output_padding=conv.output_padding[0] if transposed else 0, leaky=leaky, out_step=float(out_step))
+
+
 class IntegerHyperSynthesis:
     """h_s on integers; see the module docstring. Output: (mean, raw scale) float64."""
 
@@ -118,10 +181,14 @@ class IntegerHyperSynthesis:
         if a.dim() == 3:
             a = a[None]
         a = a.clamp(-ACTIVATION_LIMIT, ACTIVATION_LIMIT)
-        for layer in self.layers:
-            a = layer(a)
+        a = by_row_bands(self._run, [a], band=BAND_ROWS // 4, halo=2, scale=4)
         raw_scale, mean = a.chunk(2, dim=1)  # same split as the float HyperSynthesis
         return mean.numpy(), raw_scale.numpy()
+
+    def _run(self, a: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            a = layer(a)
+        return a
 
     # -- building from a trained float h_s ------------------------------------
 
@@ -160,21 +227,94 @@ class IntegerHyperSynthesis:
         layers = []
         in_step = 1.0  # ẑ is integer
         for i, (conv, leaky) in enumerate(convs):
-            transposed = isinstance(conv, nn.ConvTranspose2d)
-            w = conv.weight.detach().double().numpy()
-            axis = 1 if transposed else 0
-            reduce_axes = tuple(a for a in range(4) if a != axis)
-            w_max = np.abs(w).max(axis=reduce_axes)
-            w_step = np.where(w_max > 0, w_max / WEIGHT_LIMIT, 1.0)
-            shape = [1, 1, 1, 1]
-            shape[axis] = -1
-            w_int = np.rint(w / w_step.reshape(shape)).astype(np.int32)
             last = i == len(convs) - 1
-            out_step = 0.0 if last else max(peaks[i] * headroom, 1e-6) / ACTIVATION_LIMIT
-            bias = conv.bias.detach().double().numpy() if conv.bias is not None else np.zeros(len(w_step))
-            layers.append(IntegerLayer(
-                transposed=transposed, weight=w_int, scale=(in_step * w_step).astype(np.float64), bias=bias,
-                stride=conv.stride[0], padding=conv.padding[0],
-                output_padding=conv.output_padding[0] if transposed else 0, leaky=leaky, out_step=float(out_step)))
-            in_step = out_step
+            layers.append(quantize_conv(conv, in_step, leaky, None if last else peaks[i] * headroom))
+            in_step = layers[-1].out_step
         return cls(layers)
+
+
+class IntegerContext:
+    """The checkerboard context residual (:mod:`ncz.codec.context`) on integers.
+
+    Inputs are float64 values that encoder and decoder hold identically (ŷ of
+    the anchors, and the integer h_s's μ and σ_raw); each is requantized with
+    its calibrated step, then the masked 5×5 convolution and the 1×1 layers
+    run as :class:`IntegerLayer` s. The first 1×1 layer reads the three
+    inputs concatenated; their different steps are folded into its weights.
+    Output: ``(Δμ, Δσ_raw)`` float64, added to the hyperprior's by the caller.
+    """
+
+    def __init__(self, context: IntegerLayer, params: Sequence[IntegerLayer], steps: Sequence[float]):
+        self.context = context
+        self.params = tuple(params)
+        self.steps = tuple(float(v) for v in steps)  # ŷ, μ, σ_raw
+        if len(self.steps) != 3 or not all(np.isfinite(v) and v > 0 for v in self.steps):
+            raise InputError("context: input steps must be 3 finite positive numbers")
+        context.validate("context layer")
+        for i, layer in enumerate(self.params):
+            layer.validate(f"context parameter layer {i}")
+        channels = context.in_channels
+        if context.out_channels + 2 * channels != self.params[0].in_channels or context.out_step <= 0:
+            raise InputError("context layers do not chain (channel counts or steps)")
+        for a, b in zip(self.params, self.params[1:]):
+            if a.out_channels != b.in_channels:
+                raise InputError("context parameter layers do not chain (channel counts differ)")
+        if self.params[-1].out_step != 0 or self.params[-1].out_channels != 2 * channels:
+            raise InputError("the last context layer must output 2·M float channels")
+
+    @torch.no_grad()
+    def __call__(self, y_anchor_hat: np.ndarray, mean: np.ndarray, raw_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        def batch(v: np.ndarray) -> torch.Tensor:
+            t = torch.as_tensor(np.asarray(v), dtype=torch.float64)
+            return t[None] if t.dim() == 3 else t
+
+        halo = self.context.weight.shape[2] // 2
+        a = by_row_bands(self._run, [batch(y_anchor_hat), batch(mean), batch(raw_scale)], band=BAND_ROWS, halo=halo)
+        d_scale, d_mean = a.chunk(2, dim=1)
+        return d_mean.numpy(), d_scale.numpy()
+
+    def _run(self, y_anchor_hat: torch.Tensor, mean: torch.Tensor, raw_scale: torch.Tensor) -> torch.Tensor:
+        y_step, mean_step, scale_step = self.steps
+        ctx = self.context(requantize(y_anchor_hat, y_step))
+        a = torch.cat([ctx, requantize(mean, mean_step), requantize(raw_scale, scale_step)], dim=1)
+        for layer in self.params:
+            a = layer(a)
+        return a
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, model: nn.Module, calibration: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                   headroom: float = 2.0) -> "IntegerContext":
+        """Quantize a trained :class:`~ncz.codec.context.CheckerboardContext`.
+
+        ``calibration``: ``(ŷ_anchor, μ, σ_raw)`` float tensors from training
+        images (ŷ zero at non-anchors); steps cover ``headroom`` × the peaks.
+        """
+        convs = [m for m in model.params if isinstance(m, nn.Conv2d)]
+        peak_y = peak_m = peak_s = peak_ctx = 0.0
+        peaks = [0.0] * len(convs)
+        weight = model.masked_context_weight().double()
+        for y_a, mean, raw in calibration:
+            y_a, mean, raw = y_a.double(), mean.double(), raw.double()
+            ctx = F.conv2d(y_a, weight, model.context.bias.double(), padding=model.context.padding)
+            peak_y, peak_m, peak_s = (max(peak_y, float(y_a.abs().max())), max(peak_m, float(mean.abs().max())),
+                                      max(peak_s, float(raw.abs().max())))
+            peak_ctx = max(peak_ctx, float(ctx.abs().max()))
+            a = torch.cat([ctx, mean, raw], dim=1)
+            for i, conv in enumerate(convs):
+                a = F.conv2d(a, conv.weight.double(), conv.bias.double())
+                if i < len(convs) - 1:
+                    a = F.leaky_relu(a, LEAKY_SLOPE)
+                peaks[i] = max(peaks[i], float(a.abs().max()))
+        steps = [max(p * headroom, 1e-6) / ACTIVATION_LIMIT for p in (peak_y, peak_m, peak_s)]
+        context = quantize_conv(model.context, steps[0], False, peak_ctx * headroom, weight=weight.float())
+        channels = model.context.in_channels
+        input_steps = np.concatenate([np.full(2 * channels, context.out_step), np.full(channels, steps[1]),
+                                      np.full(channels, steps[2])])
+        layers = []
+        for i, conv in enumerate(convs):
+            last = i == len(convs) - 1
+            layers.append(quantize_conv(conv, layers[-1].out_step if layers else 1.0, not last,
+                                        None if last else peaks[i] * headroom,
+                                        input_steps=input_steps if i == 0 else None))
+        return cls(context, layers, steps)

@@ -6,19 +6,24 @@ number, not a pick among discrete levels; the rate is monotone in it.
 
 from __future__ import annotations
 
-from .image import encode_pixels
+from .image import ImageEncoder
 from .imageio import Pixels
 from .weights import CodecRuntime
 
 __all__ = ["choose_quality"]
 
 
-def choose_quality(runtime: CodecRuntime, pixels: Pixels, target_bits: float, *, iterations: int = 8) -> float:
-    """The highest quality whose coded payload fits ``target_bits`` (the lowest if none does)."""
+def choose_quality(runtime: CodecRuntime, pixels: Pixels | ImageEncoder, target_bits: float, *,
+                   iterations: int = 8) -> float:
+    """The highest quality whose coded payload fits ``target_bits`` (the lowest if none does).
+
+    Pass an :class:`ImageEncoder` to reuse its analysis (g_a runs once for all probes).
+    """
+    encoder = pixels if isinstance(pixels, ImageEncoder) else ImageEncoder(runtime, pixels)
     lo, hi = 0.0, float(runtime.config.num_levels - 1)
 
     def bits(q: float) -> float:
-        return 8.0 * len(encode_pixels(runtime, pixels, q)[1])
+        return 8.0 * len(encoder.encode(q).payload)
 
     if bits(hi) <= target_bits:
         return hi

@@ -64,6 +64,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .architectures import CHECKERBOARD_ARCH, HYPERPRIOR_ARCH, build_codec
 from .networks import (
     DEFAULT_LAMBDAS,
     CodecConfig,
@@ -86,6 +87,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ThreadTuner",
     "add_levels",
+    "add_checkerboard_context",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -151,7 +153,7 @@ def add_levels(state: dict, lambdas: Sequence[float]) -> dict:
         model[name] = grow(model[name], blend)
     out["model"] = model
     if "optimizer" in state:
-        names = [n for n, _ in HyperpriorCodec(old).named_parameters()]
+        names = [n for n, _ in build_codec(old).named_parameters()]
         opt = dict(state["optimizer"])
         opt_state = dict(opt["state"])
         for name in _GAIN_TABLES:
@@ -163,6 +165,32 @@ def add_levels(state: dict, lambdas: Sequence[float]) -> dict:
                 opt_state[idx] = moments
         opt["state"] = opt_state
         out["optimizer"] = opt
+    return out
+
+
+def add_checkerboard_context(state: dict, seed: int = 0) -> dict:
+    """A hyperprior training state turned into a checkerboard-context one, same function at first.
+
+    Why: the context model (:mod:`ncz.codec.context`) is a residual on the
+    hyperprior's parameters whose last layer starts at zero, so a trained
+    hyperprior continues as a checkerboard model without a step back. The
+    new tensors are freshly initialised (seeded); the moving average gets the
+    same ones. The optimizer state is dropped (its parameter list changed):
+    the trainer starts a fresh Adam, as after ``--init-from``.
+    """
+    old = CodecConfig.from_dict(state["model_config"])
+    if old.arch == CHECKERBOARD_ARCH:
+        return state
+    if old.arch != HYPERPRIOR_ARCH:
+        raise ValueError(f"cannot add a checkerboard context to architecture {old.arch!r}")
+    new = replace(old, arch=CHECKERBOARD_ARCH)
+    torch.manual_seed(seed)
+    fresh = {k: v for k, v in build_codec(new).state_dict().items() if k.startswith("context_model.")}
+    out = {k: v for k, v in state.items() if k != "optimizer"}
+    out["model_config"] = new.to_dict()
+    out["model"] = {**state["model"], **fresh}
+    if state.get("ema") is not None:
+        out["ema"] = {**state["ema"], **fresh}
     return out
 
 
@@ -429,7 +457,7 @@ class Trainer:
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.model_config = model_config or cfg.model_config()
-        self.model = HyperpriorCodec(self.model_config).to(self.device)
+        self.model = build_codec(self.model_config).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.autocast_dtype = torch.bfloat16 if cfg.bf16 else None
@@ -570,7 +598,8 @@ class Trainer:
         if mc != self.model_config:
             raise ValueError(f"checkpoint architecture {mc} != trainer's {self.model_config}")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("optimizer") is not None:  # absent after an architecture change: fresh Adam
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         torch.set_rng_state(state["rng_torch"])
         if state.get("rng_cuda") is not None and torch.cuda.is_available():

@@ -161,12 +161,18 @@ def _check_image(params: Mapping[str, Any], decoded_length: int, where: str) -> 
         raise FormatError(f"{where}: params.model must be a str, got {params.get('model')!r}")
     if not isinstance(params.get("weights"), bytes) or len(params["weights"]) != 16:
         raise FormatError(f"{where}: params.weights must be 16 bytes (bin)")
-    if not _uint(tile) or not 1 <= tile <= MAX_IMAGE_SIDE:
-        raise FormatError(f"{where}: params.tile must be an int in 1..{MAX_IMAGE_SIDE}, got {tile!r}")
     streams = params.get("streams")
-    count = 2 * (-(-width // tile)) * (-(-height // tile))
-    if not isinstance(streams, list) or len(streams) != count or not all(_uint(n) for n in streams):
-        raise FormatError(f"{where}: params.streams must list {count} byte lengths (two per tile)")
+    if "layout" in params:  # layout 2: one latent grid; the stream count is the architecture's (codec checks it)
+        if params["layout"] != 2 or isinstance(params["layout"], bool):
+            raise FormatError(f"{where}: params.layout must be 2, got {params['layout']!r}")
+        if not isinstance(streams, list) or not 1 <= len(streams) <= 16 or not all(_uint(n) for n in streams):
+            raise FormatError(f"{where}: params.streams must list 1..16 byte lengths")
+    else:  # layout 1 (ncz 0.1): independent tiles, two streams each; readers refuse to decode it
+        if not _uint(tile) or not 1 <= tile <= MAX_IMAGE_SIDE:
+            raise FormatError(f"{where}: params.tile must be an int in 1..{MAX_IMAGE_SIDE}, got {tile!r}")
+        count = 2 * (-(-width // tile)) * (-(-height // tile))
+        if not isinstance(streams, list) or len(streams) != count or not all(_uint(n) for n in streams):
+            raise FormatError(f"{where}: params.streams must list {count} byte lengths (two per tile)")
     if sum(streams) != decoded_length:
         raise FormatError(f"{where}: params.streams sum to {sum(streams)}, decoded_length is {decoded_length}")
 

@@ -17,7 +17,7 @@ from PIL import Image
 import ncz.format as nf
 from ncz.codec import (CodecConfig, HyperpriorCodec, Pixels, SGASchedule, choose_quality, decode_section, encode_pixels, export_codec,
                        load_codec, read_image)
-from ncz.codec.image import TILE, write_image_section
+from ncz.codec.image import write_image_section
 from ncz.format import entropy as E
 from ncz.tools.cli import main
 
@@ -104,16 +104,16 @@ def test_streams_meet_their_information_bound(weights):
     with torch.no_grad():
         y = runtime.net.analysis(x, 3.0)
         z = torch.round(runtime.net.hyper_analysis(y))[0].numpy().astype(np.int32)
-    from ncz.codec.image import _z_model
+    from ncz.codec.latents import _z_model
 
     info_z = E.information(z.ravel(), _z_model(runtime, z.shape))
     z_bytes = params["streams"][0]
     assert z_bytes * 8 <= info_z * 1.001 + 64
 
 
-def test_alpha_grayscale_and_tiles(weights):
+def test_alpha_grayscale_and_windows(weights):
     runtime = load_codec(weights)
-    rgb = _photo(TILE + 40, 70, seed=1)  # two tiles
+    rgb = _photo(1024 + 40, 70, seed=1)  # two windows of the transforms
     alpha = (np.arange(rgb.shape[0] * rgb.shape[1]) % 251).astype(np.uint8).reshape(rgb.shape[:2])
     with nf.open_bytes(_encode(runtime, Pixels(rgb, alpha))) as reader:
         out = decode_section(reader, "img", runtime)

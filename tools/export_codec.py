@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ncz.codec import CodecConfig, HyperpriorCodec, export_codec, read_image
+from ncz.codec import CodecConfig, export_codec, read_image
+from ncz.codec.architectures import build_codec
 from ncz.format import NczError
 
 
@@ -50,19 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        net = HyperpriorCodec(CodecConfig.from_dict(state["model_config"]))
+        net = build_codec(CodecConfig.from_dict(state["model_config"]))
         # latest.pt keeps the moving average beside the trained weights; snapshots store what ships in "model"
         averaged = state.get("ema") if isinstance(state.get("ema"), dict) and not args.raw else None
         net.load_state_dict(averaged if averaged is not None else state["model"])
         path = export_codec(net.eval(), args.output, _calibration(args.calibration, args.images), step=state.get("step"))
         if args.train_state is not None:
-            from ncz.codec.weights import WEIGHTS_RECIPE
+            from ncz.codec.weights import TRAIN_ONLY, WEIGHTS_RECIPE
             from ncz.models import pack
 
-            extra = {k: v for k, v in net.state_dict().items() if k.startswith("h_s.")}
+            extra = {k: v for k, v in net.state_dict().items() if k.startswith(TRAIN_ONLY)}
             pack(extra, args.train_state, recipe=WEIGHTS_RECIPE, metadata={"train_steps": int(state.get("step") or 0),
                                                                           "model_id": "train-state"})
-    except (NczError, OSError, KeyError, RuntimeError) as exc:
+    except (NczError, OSError, KeyError, RuntimeError, ValueError) as exc:
         print(f"export_codec: error: {exc}", file=sys.stderr)
         return 1
     data = path.read_bytes()

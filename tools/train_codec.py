@@ -27,12 +27,14 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from ncz.codec.architectures import CHECKERBOARD_ARCH
 from ncz.codec.networks import DEFAULT_LAMBDAS, CodecConfig
-from ncz.codec.train import EvalReport, StepReport, Trainer, TrainConfig, add_levels
+from ncz.codec.train import EvalReport, StepReport, Trainer, TrainConfig, add_checkerboard_context, add_levels
 
 
 def _default_data_root() -> Path:
@@ -60,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add-lambdas", type=float, nargs="+", default=None, metavar="λ",
                    help="with --resume: add these λ levels to the checkpoint's model (gain rows extrapolated "
                         "from the nearest trained levels; everything else kept)")
+    p.add_argument("--checkerboard", action="store_true",
+                   help="with --resume/--init-from of a hyperprior: add a checkerboard context model (starts as the "
+                        "same function; fresh optimizer); new runs: train the checkerboard architecture")
     p.add_argument("--init-from", nargs="+", default=None, metavar="WEIGHTS.ncz",
                    help="start from shipped weights instead of a checkpoint: codec/weights/default.ncz "
                         "codec/weights/train-state.ncz (fresh optimizer; the step count comes from the header)")
@@ -135,6 +140,8 @@ def main(argv=None) -> int:
         resume_state = torch.load(resume_path, map_location=device, weights_only=True)
         if args.add_lambdas:
             resume_state = add_levels(resume_state, args.add_lambdas)
+        if args.checkerboard:
+            resume_state = add_checkerboard_context(resume_state, seed=args.seed)
         model_config = CodecConfig.from_dict(resume_state["model_config"])
     elif args.init_from:
         # The shipped weights fix the architecture and the λ levels; --N/--M/--lambdas do not apply.
@@ -142,6 +149,10 @@ def main(argv=None) -> int:
 
         with open_archive(args.init_from[0]) as reader:
             model_config = CodecConfig.from_dict(reader.metadata["codec"])
+        if args.checkerboard:
+            model_config = replace(model_config, arch=CHECKERBOARD_ARCH)
+    elif args.checkerboard:
+        model_config = replace(cfg.model_config(), arch=CHECKERBOARD_ARCH)
 
     print(f"loading images from {cfg.data_dir} ...", flush=True)
     trainer = Trainer(cfg, model_config=model_config)
@@ -156,12 +167,13 @@ def main(argv=None) -> int:
         state, step = {}, 0
         for path in args.init_from:
             state.update({k: v for k, v in load_state_dict(path).items()
-                          if not k.startswith(("int_hs.", "z_tables."))})
+                          if not k.startswith(("int_hs.", "z_tables.", "int_ctx."))})
             with open_archive(path) as reader:
                 step = max(step, int(reader.metadata.get("train_steps", 0) or 0))
         result = trainer.model.load_state_dict(state, strict=False)
-        if result.missing_keys:
-            print(f"error: --init-from lacks {len(result.missing_keys)} tensors, e.g. {result.missing_keys[:3]}",
+        missing = [k for k in result.missing_keys if not (args.checkerboard and k.startswith("context_model."))]
+        if missing:
+            print(f"error: --init-from lacks {len(missing)} tensors, e.g. {missing[:3]}",
                   file=sys.stderr)
             return 2
         trainer.step = step
