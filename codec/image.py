@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ncz.format import Codec, InputError, Kind, Reader, SectionInfo, UsageError, Writer, encode_payload
+from ncz.format import Codec, DensityError, InputError, Kind, Reader, SectionInfo, UsageError, Writer, encode_payload
 
 from .imageio import MAX_PIXELS, MAX_SIDE, Pixels
 from .latents import LatentShape
@@ -154,9 +154,10 @@ def encode_pixels(runtime: CodecRuntime, pixels: Pixels, quality: float,
 def _alpha_payload(alpha: np.ndarray):
     """The smaller lossless coding of an alpha plane (zstd bytes or ANS symbols), never an empty stream."""
     candidates = [encode_payload(alpha.tobytes(), Codec.ZSTD, {"level": 19})]
-    ans = encode_payload(alpha.astype("<i4").tobytes(), Codec.ANS)
-    if ans.stored_length > 0:  # a constant plane codes to 0 ANS bytes; FORMAT §7.1: an empty stream holds nothing
-        candidates.append(ans)
+    try:
+        candidates.append(encode_payload(alpha.astype("<i4").tobytes(), Codec.ANS))
+    except DensityError:  # FORMAT §7.1: ≤ 1024 symbols per byte, so a (nearly) constant plane stays zstd
+        pass
     return min(candidates, key=lambda p: p.stored_length)
 
 

@@ -118,6 +118,11 @@ def test_alpha_grayscale_and_windows(weights):
     with nf.open_bytes(_encode(runtime, Pixels(rgb, alpha))) as reader:
         out = decode_section(reader, "img", runtime)
     assert out.rgb.shape == rgb.shape and np.array_equal(out.alpha, alpha)  # alpha is lossless
+    opaque = np.full(rgb.shape[:2], 255, np.uint8)  # a constant plane: no 0-byte ANS part (FORMAT §7.1)
+    data = _encode(runtime, Pixels(rgb, opaque))
+    with nf.open_bytes(data) as reader:
+        assert reader.info("img#alpha").stored_length > 0
+        assert np.array_equal(decode_section(reader, "img", runtime).alpha, opaque)
     gray = Pixels(_photo(50, 60)[:, :, :1].copy())
     with nf.open_bytes(_encode(runtime, gray)) as reader:
         out = decode_section(reader, "img", runtime)
