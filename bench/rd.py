@@ -386,11 +386,12 @@ def export_checkpoint(checkpoint: Path, output: Path, calibration_dir: Path, cro
                         "--images", str(crops)]) != 0:
             raise SystemExit(f"{checkpoint}: export failed")
         return output
-    from ncz.codec import CodecConfig, HyperpriorCodec, export_codec
+    from ncz.codec import CodecConfig, export_codec
+    from ncz.codec.architectures import build_codec
     from PIL import Image
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    net = HyperpriorCodec(CodecConfig.from_dict(state["model_config"]))
+    net = build_codec(CodecConfig.from_dict(state["model_config"]))
     net.load_state_dict(state["model"])
     files = sorted(f for f in calibration_dir.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))[:crops]
     calibration = []
@@ -429,7 +430,7 @@ def run_ncz(images: list[tuple[str, np.ndarray]], model: Path, qualities: list[f
                   "lambdas": list(runtime.config.lambdas), "load_s": round(load_t.wall, 3)}
     sga = SGASchedule(sga_iterations) if sga_iterations else None
     entry = _new_entry(f"model {runtime.model_id}, quality levels 0..{levels - 1} (fractional = gain interpolation), "
-                       f"torch threads {torch.get_num_threads()}, tile {__import__('ncz.codec.image', fromlist=['TILE']).TILE}"
+                       f"torch threads {torch.get_num_threads()}, image layout {__import__('ncz.codec.image', fromlist=['LAYOUT']).LAYOUT}"
                        + (f", SGA {sga.iterations} iterations (lr {sga.lr:g}, τ {sga.tau_max:g}→{sga.tau_min:g})"
                           if sga else ", amortized encoder (no SGA)"),
                        f"ncz {_lib_version('ncz')}, torch {torch.__version__}")
