@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ncz.format import InputError, LimitError
 
-__all__ = ["Pixels", "read_image", "write_image", "format_for", "MAX_SIDE", "MAX_PIXELS"]
+__all__ = ["Pixels", "read_image", "write_image", "format_for", "pixels_of", "MAX_SIDE", "MAX_PIXELS"]
 
 _FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".ppm": "PPM", ".pgm": "PPM", ".bmp": "BMP",
             ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
@@ -32,8 +33,7 @@ def format_for(path: str | os.PathLike[str]) -> str:
         raise InputError(f"{path}: unknown output extension (use .png, .jpg, .ppm, .pgm, .bmp, .webp, .tiff)") from None
 
 MAX_SIDE = 1 << 15  # 32768
-MAX_PIXELS = 1 << 28  # 268 megapixels
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own decompression-bomb guard, aligned with ours
+MAX_PIXELS = 1 << 28  # 268 megapixels; Pillow's own guard (Image.MAX_IMAGE_PIXELS, the user's) applies first
 
 
 @dataclass
@@ -60,8 +60,14 @@ class Pixels:
 def read_image(source: str | os.PathLike[str] | bytes, name: str | None = None) -> Pixels:
     """Decode ``source`` (a path or the file's bytes) into :class:`Pixels`."""
     label = name or (os.fspath(source) if not isinstance(source, bytes) else "<stdin>")
+    notes: list[str] = []
     try:
-        handle = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            handle = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
+            notes.append(f"{handle.size[0]}x{handle.size[1]} is above Pillow's decompression-bomb warning "
+                         f"threshold ({Image.MAX_IMAGE_PIXELS} pixels)")
         width, height = handle.size
         if width == 0 or height == 0:
             raise InputError(f"{label}: image is {width}x{height}; nothing to encode")
@@ -75,9 +81,16 @@ def read_image(source: str | os.PathLike[str] | bytes, name: str | None = None) 
     except UnidentifiedImageError as exc:
         raise InputError(f"{label}: not an image Pillow can read") from exc
     except Image.DecompressionBombError as exc:
-        raise LimitError(f"{label}: {exc}") from exc
+        raise LimitError(f"{label}: {exc} (Pillow's PIL.Image.MAX_IMAGE_PIXELS; raise it to read larger images)") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt image data
         raise InputError(f"{label}: corrupt or truncated image ({exc})") from exc
+    pixels = pixels_of(handle)
+    pixels.notes[:0] = notes
+    return pixels
+
+
+def pixels_of(handle: Image.Image) -> Pixels:
+    """A loaded Pillow image as :class:`Pixels` (conversions listed in ``notes``)."""
     notes: list[str] = []
     mode = handle.mode
     alpha = None

@@ -10,16 +10,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
 from importlib import metadata as importlib_metadata
 from typing import Any
 
-from ncz.format import Codec, Kind, NczError, Writer
+from ncz.format import Codec, InputError, Kind, NczError, Writer
 from ncz.format import open as open_archive
 
 __all__ = ["main", "build_parser"]
+
+
+class _Usage(Exception):
+    """Arguments that cannot work with this input: one line, exit 2 like argparse's own."""
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters and terminal escapes shown as Python escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _listing(names: list[str], shown: int = 5) -> str:
+    listed = ", ".join(repr(_printable(n)) for n in names[:shown])
+    return listed + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
 def _version() -> str:
@@ -40,6 +55,8 @@ def _human(n: int) -> str:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
         return {"bytes_hex": value.hex()} if len(value) <= 64 else {"bytes_len": len(value)}
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf", "-inf": JSON has no such numbers (Python's Infinity is invalid JSON)
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -89,7 +106,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                             "bits_per_weight": 8 * file_size / max(numel, 1),
                             "max_rel_error": max((t["rel_error"] for t in tensors), default=0.0)}
     if args.json:
-        print(json.dumps(summary, indent=2, sort_keys=True))
+        print(json.dumps(_jsonable(summary), indent=2, sort_keys=True, allow_nan=False))
         return 0
     if tensors is not None and not args.sections:
         total = summary["total"]
@@ -97,26 +114,29 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"{total['bits_per_weight']:.2f} bits/weight, max relative error {total['max_rel_error']:.2e}")
         calibration = summary["metadata"].get("calibration")
         if calibration:
-            print(f"calibrated on {calibration} ({summary['metadata'].get('calibration_samples', '?')} samples): "
+            print(f"calibrated on {_printable(str(calibration))} "
+                  f"({_printable(str(summary['metadata'].get('calibration_samples', '?')))} samples): "
                   "relative errors are of the weights; each layer's output error is what was bounded")
-        width = max(len(t["name"]) for t in tensors) if tensors else 4
+        shown = [_printable(t["name"]) for t in tensors]  # names are data: no terminal escapes
+        width = max(map(len, shown), default=4)
         print(f"{'tensor':<{width}}  {'representation':<18} {'dtype':<9} {'shape':<16} {'bits/w':>7} {'rel.error':>10}")
-        for t in tensors:
+        for t, name in zip(tensors, shown):
             error = "exact" if t["rel_error"] == 0 else f"{t['rel_error']:.2e}"
-            print(f"{t['name']:<{width}}  {t['representation']:<18} {t['dtype']:<9} {str(t['shape']):<16} "
+            print(f"{name:<{width}}  {t['representation']:<18} {t['dtype']:<9} {str(t['shape']):<16} "
                   f"{t['bits_per_weight']:>7.2f} {error:>10}")
         return 0
     print(f"{args.file}: ncz {summary['version']}, {len(rows)} sections, {_human(file_size)}"
           f" ({_human(decoded)} decoded, container overhead {summary['overhead_bytes']} B)")
     if reader.metadata:
-        print(f"metadata: {json.dumps(summary['metadata'], sort_keys=True)}")
-    width = max([len(r["name"]) for r in rows] + [4])
+        print(f"metadata: {json.dumps(summary['metadata'], sort_keys=True, allow_nan=False)}")
+    shown = [_printable(r["name"]) for r in rows]  # names are data: no terminal escapes
+    width = max([len(n) for n in shown] + [4])
     print(f"{'name':<{width}}  {'kind':<10} {'codec':<8} {'stored':>10} {'decoded':>10} {'ratio':>7}  params")
-    for r in rows:
+    for r, name in zip(rows, shown):
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
         flag = "" if r["critical"] else " (ancillary)"
-        params = json.dumps(r["params"], sort_keys=True) if r["params"] else ""
-        print(f"{r['name']:<{width}}  {r['kind']:<10} {r['codec']:<8} {r['stored_bytes']:>10} "
+        params = json.dumps(_jsonable(r["params"]), sort_keys=True) if r["params"] else ""
+        print(f"{name:<{width}}  {r['kind']:<10} {r['codec']:<8} {r['stored_bytes']:>10} "
               f"{r['decoded_bytes']:>10} {ratio:>7}  {params}{flag}")
     return 0
 
@@ -155,6 +175,8 @@ class _Bar:
 def cmd_pack(args: argparse.Namespace) -> int:
     from ncz.models import Recipe, pack
 
+    if args.workers < 1:
+        raise _Usage(f"--workers must be >= 1, got {args.workers}")
     recipe = Recipe.from_toml(args.recipe) if args.recipe else Recipe.preset(args.preset)
     calibration = None
     if args.calibration:
@@ -167,6 +189,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
                       calibration=calibration)
     finally:
         bar.close()
+    for note in report.notes:
+        print(f"ncz: note: {note}", file=sys.stderr)
     if not args.quiet:
         worst = max((t.rel_error for t in report.tensors), default=0.0)
         print(f"{args.output}: {len(report.tensors)} tensors, {report.numel:,} weights, {_human(report.file_bytes)}, "
@@ -206,81 +230,26 @@ def _read_input(path: str):
     return read_image(path)
 
 
-def _image_name(path: str, used: set[str]) -> str:
-    import os
-
-    base = "image" if path == "-" else os.path.splitext(os.path.basename(path))[0].replace("#", "_") or "image"
-    name, k = base, 1
-    while name in used:
-        k += 1
-        name = f"{base}-{k}"
-    used.add(name)
-    return name
-
-
 def cmd_encode(args: argparse.Namespace) -> int:
-    import io
+    from ncz.codec import SGASchedule, load_codec
+    from ncz.codec.pillow_plugin import encode_images
+    from ncz.format import atomic_write
 
-    from ncz.codec import SGASchedule, choose_quality, encode_pixels, load_codec, write_image_section
-    from ncz.format import Writer, atomic_write
-
+    if args.sga < 0 or (args.bpp is not None and not args.bpp > 0) or (args.size is not None and args.size <= 0):
+        raise _Usage("--sga must be >= 0, --bpp and --size > 0")
     sga = SGASchedule(args.sga) if args.sga else None
     runtime = load_codec(args.model)
+    top = runtime.config.num_levels - 1
+    if args.quality is not None and not 0 <= args.quality <= top:  # NaN fails too
+        raise _Usage(f"--quality must be in 0..{top} for these weights, got {args.quality}")
     images = [(path, _read_input(path)) for path in args.inputs]
     for path, pixels in images:
         for note in pixels.notes:
             print(f"ncz: note: {path}: {note}", file=sys.stderr)
+    data = encode_images(runtime, images, quality=args.quality, bpp=args.bpp, size=args.size, sga=sga,
+                         sga_progress=lambda label: _Bar(f"SGA {label}", sys.stderr.isatty(), unit="it"))
     total_pixels = sum(pixels.width * pixels.height for _, pixels in images)
-    budget = None  # whole-file bytes, like cwebp -size
-    if args.size is not None:
-        budget = args.size
-    elif args.bpp is not None:
-        budget = args.bpp * total_pixels / 8
-
-    def share(pixels, payload_bits: float) -> float:
-        """An image's pixel share of ``payload_bits``."""
-        return payload_bits * pixels.width * pixels.height / total_pixels
-
-    def qualities_for(payload_bits: float | None) -> list[float]:
-        """Per image: the fixed quality, or the highest that fits its share of ``payload_bits``."""
-        if payload_bits is None:
-            fixed = (runtime.config.num_levels - 1) / 2 if args.quality is None else args.quality
-            return [fixed] * len(images)
-        return [choose_quality(runtime, pixels, share(pixels, payload_bits)) for _, pixels in images]
-
-    def build(qualities: list[float], refine: bool = False, payload_bits: float | None = None) -> tuple[bytes, int]:
-        """The archive, and the bytes of its image payloads. With ``refine``, SGA latents replace the
-        plain ones where they fit the image's share of ``payload_bits`` (SGA may trade rate for distortion)."""
-        buffer, used, payload_bytes = io.BytesIO(), set(), 0
-        with Writer(buffer, metadata={"format": "ncz-images", "images": len(images)}) as writer:
-            for (path, pixels), quality in zip(images, qualities):
-                encoded = None
-                if refine:
-                    bar = _Bar(f"SGA {path}", sys.stderr.isatty(), unit="it")
-                    try:
-                        encoded = encode_pixels(runtime, pixels, quality, lambda d, t: bar(d, t, ""), sga=sga)
-                    finally:
-                        bar.close()
-                    if payload_bits is not None and 8 * len(encoded[1]) > share(pixels, payload_bits):
-                        encoded = None  # refined latents may trade rate for distortion: keep the size promise
-                if encoded is None:
-                    encoded = encode_pixels(runtime, pixels, quality)
-                payload_bytes += len(encoded[1])
-                write_image_section(writer, _image_name(path, used), runtime, pixels, quality, encoded=encoded)
-        return buffer.getvalue(), payload_bytes
-
-    # Rate control runs on the plain encoder; SGA (slow) runs once, at the qualities chosen.
-    payload_bits = None if budget is None else 8 * budget
-    qualities = qualities_for(payload_bits)
-    data, payload_bytes = build(qualities)
-    if budget is not None and len(data) > budget:  # the container's own bytes come out of the budget too
-        payload_bits = max(8 * (budget - (len(data) - payload_bytes)), 0.0)
-        qualities = qualities_for(payload_bits)
-        data, _ = build(qualities)
-    if sga is not None:
-        refined, _ = build(qualities, refine=True, payload_bits=payload_bits)
-        if budget is None or len(refined) <= budget or len(refined) <= len(data):
-            data = refined
+    budget = args.size if args.size is not None else None if args.bpp is None else args.bpp * total_pixels / 8
     if args.output == "-":
         sys.stdout.buffer.write(data)
     else:
@@ -294,35 +263,85 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _file_stem(name: str) -> str:
+    """A file name for section ``name``: printable, no separators, no leading dots, at
+    most 200 UTF-8 bytes; so an output never leaves its folder (FORMAT.md §4.3)."""
+    stem = "".join(c if c.isprintable() and c not in '/\\:*?"<>|' else "_" for c in name).strip(" .")
+    stem = stem.encode("utf-8")[:200].decode("utf-8", "ignore")
+    return stem or "image"
+
+
+def _decode_targets(reader, names: list[str], folder, extension: str) -> list[tuple[str, Any]]:
+    """(section, path inside ``folder``) per image; refuses two images that would share a file."""
+    targets, taken = [], {}
+    for name in names:
+        path = folder / f"{_file_stem(name)}.{extension}"
+        key = path.name.casefold()  # case-insensitive file systems would merge these too
+        if key in taken:
+            raise InputError(f"{reader.name}: image sections {taken[key]!r} and {name!r} would both be written "
+                             f"to {path}; decode them one at a time with --image NAME -o FILE")
+        taken[key] = name
+        targets.append((name, path))
+    return targets
+
+
+def _decode_image(reader, name: str, runtime, max_pixels: int | None):
+    """One image section's pixels, its pixels counted against the file's cap first."""
+    from ncz.codec import decode_section
+
+    params = reader.info(name).params  # width and height: ints, checked when the table was read
+    reader.charge_pixels(params["width"] * params["height"], f"image {name!r}")
+    return decode_section(reader, name, runtime, **({} if max_pixels is None else {"max_pixels": max_pixels}))
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
-    from ncz.codec import decode_section, load_codec
+    from ncz.codec import load_codec
     from ncz.codec.imageio import format_for, write_image
-    from ncz.format import InputError, Kind, open_bytes
-    from ncz.format import atomic_write
+    from ncz.format import Limits, atomic_write, open_bytes
 
-    reader = open_bytes(sys.stdin.buffer.read(), name="<stdin>") if args.input == "-" else open_archive(args.input)
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise _Usage(f"--max-pixels must be >= 1, got {args.max_pixels}")
+    limits = None if args.max_pixels is None else Limits(max_image_pixels=args.max_pixels)
+    if args.input == "-":
+        reader = open_bytes(sys.stdin.buffer.read(), name="<stdin>", limits=limits)
+    else:
+        reader = open_archive(args.input, limits=limits)
     with reader:
         names = [s.name for s in reader.sections if s.kind == Kind.IMAGE]
         if not names:
             raise InputError(f"{reader.name}: holds no image sections")
+        if args.image is not None:
+            if args.image not in names:
+                raise _Usage(f"{reader.name}: no image section named {args.image!r} (it has {_listing(names)})")
+            names = [args.image]
+        folder = Path(args.output)
+        # a folder: one that exists, a path ending in a separator, or one without an extension
+        single_file = args.output == "-" or (not folder.is_dir() and folder.suffix != ""
+                                             and not args.output.endswith(("/", os.sep)))
+        if len(names) > 1 and single_file:
+            raise _Usage(f"{reader.name} holds {len(names)} images ({_listing(names)}); {args.output} takes one: "
+                         "pick it with --image NAME, or give a folder")
+        targets = None
+        if not single_file:
+            targets = _decode_targets(reader, names, folder, args.format)  # all checked before any work
         runtime = load_codec(args.model)
-        if len(names) == 1 and not os.path.isdir(args.output):
-            pixels = decode_section(reader, names[0], runtime)
+        if targets is None:
+            pixels = _decode_image(reader, names[0], runtime, args.max_pixels)
             if args.output == "-":
                 write_image(pixels, sys.stdout.buffer, fmt="PNG")
             else:
                 fmt = format_for(args.output)
-                atomic_write(Path(args.output), lambda h: write_image(pixels, h, fmt=fmt))
+                atomic_write(folder, lambda h: write_image(pixels, h, fmt=fmt))
         else:
-            folder = Path(args.output)
             folder.mkdir(parents=True, exist_ok=True)
             fmt = format_for(f"x.{args.format}")
-            for name in names:
-                pixels = decode_section(reader, name, runtime)
-                atomic_write(folder / f"{name}.{args.format}", lambda h: write_image(pixels, h, fmt=fmt))
+            for name, path in targets:
+                pixels = _decode_image(reader, name, runtime, args.max_pixels)
+                atomic_write(path, lambda h: write_image(pixels, h, fmt=fmt))
+                if args.verbose:
+                    print(f"ncz: {_printable(name)} -> {path}", file=sys.stderr)
     if args.verbose:
         print(f"ncz: decoded {len(names)} image(s) to {args.output}", file=sys.stderr)
     return 0
@@ -408,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="input .ncz (- for stdin)")
     p.add_argument("-o", "--output", required=True, help="OUT.png/.jpg/.ppm/.bmp/.webp, a folder for several images, - for stdout (PNG)")
     p.add_argument("--format", default="png", choices=["png", "ppm", "bmp", "webp", "jpg"], help="format of files written into a folder")
+    p.add_argument("--image", metavar="NAME", help="decode only the image section NAME (see ncz info)")
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="decode images of up to N pixels, all images of the file together "
+                        "(default 67,108,864: decoding time grows with pixels, not file size)")
     p.add_argument("--model", help="codec weights (.ncz); default: the shipped weights")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_decode)
@@ -427,8 +450,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return int(args.func(args))
-    except NczError as exc:
+    except _Usage as exc:
         print(f"ncz: error: {exc}", file=sys.stderr)
+        return 2
+    except NczError as exc:
+        print(f"ncz: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # the reader of our output left (`ncz info x | head`): not an error to report
@@ -441,6 +467,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ncz: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, ValueError, RuntimeError) as exc:
+        # a last resort: every known bad input raises NczError at its source; whatever
+        # slipped through still gets one line, not a traceback
+        print(f"ncz: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return _printable(lines[0]) if lines else type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover
