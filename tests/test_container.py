@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -118,3 +121,49 @@ def test_large_section_count():
     data = _write(sections)
     reader = nf.open_bytes(data)
     assert len(reader) == 2000 and reader.read("s1999") == bytes([1999 % 256]) * (1999 % 7)
+
+
+# --- published files: mode, names in errors, stale temp files (issue 12) ---------------------------------
+
+
+def test_new_files_follow_the_umask_and_replacements_keep_their_mode(tmp_path):
+    old = os.umask(0o077)
+    try:
+        with nf.Writer(tmp_path / "new.ncz") as writer:
+            writer.add("a", b"x")
+        nf.atomic_write(tmp_path / "new.png", lambda handle: handle.write(b"png"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.ncz").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "new.png").stat().st_mode) == 0o600
+    for name in ("new.ncz", "new.png"):
+        os.chmod(tmp_path / name, 0o640)
+    with nf.Writer(tmp_path / "new.ncz") as writer:
+        writer.add("a", b"y")
+    nf.atomic_write(tmp_path / "new.png", lambda handle: handle.write(b"png2"))
+    assert stat.S_IMODE((tmp_path / "new.ncz").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "new.png").stat().st_mode) == 0o640
+
+
+def test_errors_name_the_target(tmp_path):
+    target = tmp_path / "missing" / "x.ncz"
+    with pytest.raises(OSError) as info:
+        nf.Writer(target)
+    assert info.value.filename == str(target)
+    with pytest.raises(OSError) as info:
+        nf.atomic_write(target, lambda handle: handle.write(b""))
+    assert info.value.filename == str(target)
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".x.ncz.{dead}.abcd1234.tmp"  # what a writer killed with -9 leaves behind
+    live = tmp_path / f".x.ncz.{os.getpid()}.efgh5678.tmp"  # a writer still running (this process)
+    other = tmp_path / f".y.ncz.{dead}.abcd1234.tmp"  # another target's: not this write's business
+    for path in (stale, live, other):
+        path.write_bytes(b"partial")
+    with nf.Writer(tmp_path / "x.ncz") as writer:
+        writer.add("a", b"x")
+    assert not stale.exists() and live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".x.ncz")) == [live.name]
