@@ -425,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("decode", help="decompress images from an .ncz")
     p.add_argument("input", help="input .ncz (- for stdin)")
-    p.add_argument("-o", "--output", required=True, help="OUT.png/.jpg/.ppm/.bmp/.webp, a folder for several images, - for stdout (PNG)")
+    p.add_argument("-o", "--output", required=True, help="OUT.png/.jpg/.ppm/.bmp/.webp, a folder (one that exists, or a path without extension) "
+                        "for several images, - for stdout (PNG)")
     p.add_argument("--format", default="png", choices=["png", "ppm", "bmp", "webp", "jpg"], help="format of files written into a folder")
     p.add_argument("--image", metavar="NAME", help="decode only the image section NAME (see ncz info)")
     p.add_argument("--max-pixels", type=int, metavar="N",
