@@ -173,6 +173,8 @@ def unpack(data: bytes, *, what: str, max_bytes: int, max_items: int, max_total_
     except (FormatError, LimitError):
         raise
     except ValueError as exc:  # ExtraData, FormatError, StackError, limits are ValueErrors
+        if "exceeds max_" in str(exc):  # msgpack's own check of a declared length against our caps
+            raise LimitError(f"{what}: {exc}") from exc
         raise FormatError(f"{what}: not valid msgpack ({exc})") from exc
     except Exception as exc:  # msgpack raises assorted errors on hostile input
         raise FormatError(f"{what}: not valid msgpack ({type(exc).__name__}: {exc})") from exc
