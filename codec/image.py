@@ -11,8 +11,8 @@ field, so a large image decodes like one piece (no tile seams) in bounded
 memory. Alpha, when present, is a separate lossless part.
 
 Section params: ``width``, ``height``, ``channels`` (1 or 3), ``quality``
-(float), ``model`` (model id), ``weights`` (bin: the first 16 bytes of the
-sha256 of the weights file), ``layout`` (2), ``streams`` (byte lengths, in
+(float), ``weights`` (bin: the first 16 bytes of the sha256 of the weights
+file, which names the architecture too), ``layout`` (2), ``streams`` (byte lengths, in
 the architecture's stream order); payload = the streams back to back.
 Alpha: part ``#alpha`` (uint8 [h, w]).
 """
@@ -115,8 +115,7 @@ class ImageEncoder:
         coded = self.runtime.latents.encode(y[0].numpy(), z[0].numpy())
         pixels = self.pixels
         params = {"width": pixels.width, "height": pixels.height, "channels": pixels.channels,
-                  "quality": quality, "model": self.runtime.model_id,
-                  "weights": bytes.fromhex(self.runtime.weights_hash[:32]), "layout": LAYOUT,
+                  "quality": quality, "weights": bytes.fromhex(self.runtime.weights_hash[:32]), "layout": LAYOUT,
                   "streams": [len(s) for s in coded.streams]}
         return EncodedImage(params, b"".join(coded.streams), refined)
 
@@ -199,7 +198,7 @@ def _check(info: SectionInfo, runtime: CodecRuntime, where: str, max_pixels: int
     q = p.get("quality")
     if not isinstance(q, float):
         raise InputError(f"{where}: params.quality must be a float, got {q!r}")
-    model, weights, lengths = p.get("model"), p.get("weights"), p.get("streams")
+    weights, lengths = p.get("weights"), p.get("streams")
     if not (1 <= w <= MAX_SIDE and 1 <= h <= MAX_SIDE and w * h <= MAX_PIXELS):
         raise InputError(f"{where}: params width×height {w}x{h} outside 1..{MAX_SIDE}")
     if w * h > max_pixels:
@@ -209,10 +208,10 @@ def _check(info: SectionInfo, runtime: CodecRuntime, where: str, max_pixels: int
         raise InputError(f"{where}: params.channels must be 1 or 3, got {c}")
     if not (0.0 <= q <= runtime.config.num_levels - 1):
         raise InputError(f"{where}: params.quality {q} outside the model's 0..{runtime.config.num_levels - 1}")
-    if model != runtime.model_id or not isinstance(weights, bytes) or weights.hex() != runtime.weights_hash[:32]:
+    if not isinstance(weights, bytes) or weights.hex() != runtime.weights_hash[:32]:
         shown = weights.hex()[:12] if isinstance(weights, bytes) else repr(weights)
-        raise InputError(f"{where}: coded with model {model} weights {shown}…; the loaded weights are "
-                         f"{runtime.model_id} {runtime.weights_hash[:12]}… (pass --model with the right file)")
+        raise InputError(f"{where}: coded with weights {shown}…; the loaded weights are {runtime.path} "
+                         f"({runtime.model_id}, {runtime.weights_hash[:12]}…): pass --model with the right file")
     names = runtime.latents.stream_names
     if (not isinstance(lengths, list) or len(lengths) != len(names)
             or any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in lengths)):

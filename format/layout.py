@@ -157,8 +157,8 @@ def _check_image(params: Mapping[str, Any], decoded_length: int, where: str) -> 
     quality = params.get("quality")
     if not isinstance(quality, float) or not 0.0 <= quality < float("inf"):
         raise FormatError(f"{where}: params.quality must be a finite float >= 0, got {quality!r}")
-    if not isinstance(params.get("model"), str):
-        raise FormatError(f"{where}: params.model must be a str, got {params.get('model')!r}")
+    if "model" in params and not isinstance(params["model"], str):  # layout 1 only
+        raise FormatError(f"{where}: params.model must be a str, got {params['model']!r}")
     if not isinstance(params.get("weights"), bytes) or len(params["weights"]) != 16:
         raise FormatError(f"{where}: params.weights must be 16 bytes (bin)")
     streams = params.get("streams")
