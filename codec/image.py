@@ -35,7 +35,7 @@ from .weights import CodecRuntime
 from .windows import STRIDE, WINDOW, blocks
 
 __all__ = ["LAYOUT", "DEFAULT_MAX_PIXELS", "ImageEncoder", "EncodedImage", "encode_pixels", "decode_section",
-           "write_image_section", "image_pixels"]
+           "verify_section", "write_image_section", "image_pixels"]
 
 LAYOUT = 2  # FORMAT.md §5.3: one latent grid per image (layout 1 coded independent 1024-px tiles)
 PAD = 64
@@ -239,11 +239,8 @@ def _alpha(reader: Reader, name: str, h: int, w: int, where: str) -> np.ndarray 
     return data.astype(np.uint8).reshape(h, w)
 
 
-@torch.no_grad()
-def decode_section(reader: Reader, name: str, runtime: CodecRuntime,
-                   progress: Callable[[int, int], None] | None = None, *,
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> Pixels:
-    """Pixels of image section ``name``; sections over ``max_pixels`` are refused before any decoding."""
+def _decode_latents(reader: Reader, name: str, runtime: CodecRuntime, max_pixels: int):
+    """Checked params, alpha and ŷ of an image section: everything but the synthesis transform."""
     info = reader.info(name)
     where = f"{reader.name}: section {name!r}"
     if info.kind != Kind.IMAGE:
@@ -255,8 +252,22 @@ def decode_section(reader: Reader, name: str, runtime: CodecRuntime,
     for n in lengths:
         streams.append(payload[cursor:cursor + n])
         cursor += n
-    shape = _latent_shape(runtime, h, w)
-    y_hat = runtime.latents.decode(streams, shape, where)
+    y_hat = runtime.latents.decode(streams, _latent_shape(runtime, h, w), where)
+    return (w, h, c, q), alpha, y_hat
+
+
+def verify_section(reader: Reader, name: str, runtime: CodecRuntime, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Entropy-decode every stream of image section ``name`` (and its alpha part) without synthesizing
+    pixels: a stream that is truncated, padded or corrupt raises, as :func:`decode_section` would."""
+    _decode_latents(reader, name, runtime, max_pixels)
+
+
+@torch.no_grad()
+def decode_section(reader: Reader, name: str, runtime: CodecRuntime,
+                   progress: Callable[[int, int], None] | None = None, *,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> Pixels:
+    """Pixels of image section ``name``; sections over ``max_pixels`` are refused before any decoding."""
+    (w, h, c, q), alpha, y_hat = _decode_latents(reader, name, runtime, max_pixels)
     rgb = runtime.synthesize_pixels(torch.from_numpy(y_hat.astype(np.float32))[None], q, (h, w), progress=progress)
     if c == 1:
         rgb = np.rint(rgb.astype(np.float32).mean(axis=2, keepdims=True)).astype(np.uint8)

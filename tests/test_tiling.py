@@ -120,3 +120,23 @@ def test_integer_networks_give_the_same_integers_in_row_bands(runtime):
         integer.BAND_ROWS = old
     for a, b in zip(whole, banded):
         assert np.array_equal(a, b)
+
+
+def test_verify_section_decodes_every_stream(runtime):
+    """A y stream padded by 4 bytes (checksums valid) is caught without synthesizing pixels."""
+    from ncz.codec.image import verify_section
+
+    buffer = io.BytesIO()
+    with nf.Writer(buffer) as writer:
+        write_image_section(writer, "img", runtime, Pixels(_smooth_photo(64, 128)), 2.0)
+    with nf.open_bytes(buffer.getvalue()) as reader:
+        verify_section(reader, "img", runtime)
+        params, payload = dict(reader.info("img").params), reader.read("img")
+    params["streams"] = params["streams"][:-1] + [params["streams"][-1] + 4]
+    padded = io.BytesIO()
+    with nf.Writer(padded) as writer:
+        writer.add("img", payload + b"\0\0\0\0", kind=nf.Kind.IMAGE, params=params, aligned=False)
+    with nf.open_bytes(padded.getvalue()) as reader:
+        reader.verify()  # the container is sound
+        with pytest.raises(nf.NczError, match="y stream"):
+            verify_section(reader, "img", runtime)
