@@ -148,10 +148,12 @@ def add_levels(state: dict, lambdas: Sequence[float]) -> dict:
 
     out = dict(state)
     out["model_config"] = new.to_dict()
-    model = dict(state["model"])
-    for name in _GAIN_TABLES:
-        model[name] = grow(model[name], blend)
-    out["model"] = model
+    for key in ("model", "ema"):  # the moving average grows the same rows
+        if state.get(key) is not None:
+            weights = dict(state[key])
+            for name in _GAIN_TABLES:
+                weights[name] = grow(weights[name], blend)
+            out[key] = weights
     if "optimizer" in state:
         names = [n for n, _ in build_codec(old).named_parameters()]
         opt = dict(state["optimizer"])
