@@ -3,7 +3,10 @@
 - networks and training: :mod:`ncz.codec.networks`, :mod:`ncz.codec.train`
 - bit-exact integer hyper-synthesis: :mod:`ncz.codec.integer`
 - weights files and the runtime: :func:`load_codec`, :func:`export_codec`
-- image sections: :func:`encode_pixels`, :func:`write_image_section`, :func:`decode_section`
+- files: :func:`encode` / :func:`decode` (one image), :func:`encode_images` / :func:`decode_images`
+  (several, one size budget), as ``ncz encode``/``decode`` and ``Image.save`` use them
+- image sections: :class:`ImageEncoder`, :func:`encode_pixels`, :func:`write_image_section`,
+  :func:`decode_section`, :func:`verify_section`
 - pixel files: :func:`read_image`, :func:`write_image`; rate control: :func:`choose_quality`
 - encoder-side latent refinement (SGA): :class:`SGASchedule`, :func:`refine_latents`
 
@@ -11,7 +14,8 @@ Importing this package registers a Pillow plugin, so ``Image.open("x.ncz")`` wor
 """
 
 from . import pillow_plugin as _pillow_plugin
-from .image import decode_section, encode_pixels, write_image_section
+from .api import decode, decode_images, encode, encode_images, image_names
+from .image import ImageEncoder, decode_section, encode_pixels, verify_section, write_image_section
 from .imageio import Pixels, read_image, write_image
 from .networks import CodecConfig, HyperpriorCodec
 from .rate import choose_quality
@@ -21,6 +25,13 @@ from .weights import CodecRuntime, default_weights_path, export_codec, load_code
 _pillow_plugin.register()
 
 __all__ = [
+    "encode",
+    "decode",
+    "encode_images",
+    "decode_images",
+    "image_names",
+    "ImageEncoder",
+    "verify_section",
     "CodecConfig",
     "HyperpriorCodec",
     "CodecRuntime",

@@ -246,6 +246,7 @@ def _decode_latents(reader: Reader, name: str, runtime: CodecRuntime, max_pixels
     if info.kind != Kind.IMAGE:
         raise InputError(f"{where}: not an image section (kind {info.kind_name})")
     w, h, c, q, lengths = _check(info, runtime, where, max_pixels)
+    reader.charge_pixels(w * h, f"image {name!r}")  # the file's pixel budget (Limits.max_image_pixels)
     alpha = _alpha(reader, name, h, w, where)
     payload = reader.read(name)
     streams, cursor = [], 0

@@ -250,29 +250,53 @@ def test_sga_schedule_is_checked_and_anneals():
             SGASchedule(**bad)
 
 
-def test_cli_sga_keeps_the_size_promise(trained_weights, tmp_path, monkeypatch):
+def test_encode_images_keeps_the_size_promise_with_sga(trained_weights):
+    """The library pipeline: the rate search runs on the plain encoder, SGA once per image at the
+    qualities chosen, and the whole file stays within the budget."""
     import ncz.codec
 
-    weights = trained_weights
-    refinements = []
-    plain_encode = ncz.codec.encode_pixels
+    runtime = load_codec(trained_weights)
+    images = [("a", Pixels(_photo(64, 96, seed=6))), ("b", Pixels(_photo(80, 64, seed=7)))]
+    runs, last = [], {}
 
-    def counting_encode(*args, sga=None, **kwargs):
-        refinements.extend([sga] if sga is not None else [])
-        return plain_encode(*args, sga=sga, **kwargs)
+    def progress(label, done, total):  # a run starts when a label appears or its count goes back
+        if not runs or runs[-1] != label or done < last[label]:
+            runs.append(label)
+        last[label] = done
 
-    monkeypatch.setattr(ncz.codec, "encode_pixels", counting_encode)
+    plain = ncz.codec.encode_images(images, runtime=runtime, quality=1.0)
+    refined = ncz.codec.encode_images(images, runtime=runtime, quality=1.0, sga=SGASchedule(10), progress=progress)
+    assert runs == ["a", "b"]
+    target = len(plain)
+    runs.clear()
+    last.clear()
+    sized = ncz.codec.encode_images(images, runtime=runtime, size=target, sga=SGASchedule(10), progress=progress)
+    assert len(sized) <= target and runs == ["a", "b"]  # one refinement per image, not one per probe
+    with nf.open_bytes(refined) as reader:
+        decoded = dict(ncz.codec.decode_images(reader, runtime=runtime))
+    assert list(decoded) == ["a", "b"] and decoded["b"].rgb.shape == (80, 64, 3)
+
+
+def test_cli_sga_round_trip(trained_weights, tmp_path):
     src = tmp_path / "in.png"
     Image.fromarray(_photo(64, 96, seed=6)).save(src)
-    plain, refined, sized = tmp_path / "p.ncz", tmp_path / "r.ncz", tmp_path / "s.ncz"
-    assert main(["encode", str(src), "-o", str(plain), "--model", str(weights), "--quality", "1"]) == 0
-    assert main(["encode", str(src), "-o", str(refined), "--model", str(weights), "--quality", "1", "--sga", "10"]) == 0
-    target = plain.stat().st_size
-    assert main(["encode", str(src), "-o", str(sized), "--model", str(weights), "--size", str(target), "--sga", "10"]) == 0
-    assert sized.stat().st_size <= target
-    assert len(refinements) == 2  # once for --quality, once for --size: the rate search runs on the plain encoder
-    assert main(["decode", str(refined), "-o", str(tmp_path / "r.png"), "--model", str(weights)]) == 0
-    assert main(["encode", str(src), "-o", str(tmp_path / "bad.ncz"), "--model", str(weights), "--sga", "-3"]) != 0
+    refined = tmp_path / "r.ncz"
+    assert main(["encode", str(src), "-o", str(refined), "--model", str(trained_weights), "--quality", "1",
+                 "--sga", "10"]) == 0
+    assert main(["decode", str(refined), "-o", str(tmp_path / "r.png"), "--model", str(trained_weights)]) == 0
+    assert main(["verify", str(refined), "--model", str(trained_weights)]) == 0
+    assert main(["encode", str(src), "-o", str(tmp_path / "bad.ncz"), "--model", str(trained_weights),
+                 "--sga", "-3"]) == 2
+
+
+def test_one_image_api_round_trip(weights):
+    import ncz.codec
+
+    rgb = _photo(48, 80, seed=8)
+    data = ncz.codec.encode(Image.fromarray(rgb), runtime=str(weights), quality=2.0)
+    image = ncz.codec.decode(data, runtime=str(weights))
+    assert image.size == (80, 48) and image.mode == "RGB"
+    assert data == ncz.codec.encode(rgb, runtime=str(weights), quality=2.0)  # PIL or array: same bytes
 
 
 def test_sga_float_hyper_synthesis_tracks_the_integer_one(trained_weights):

@@ -29,7 +29,8 @@ EXPECTED = {
     "ncz.codec": {
         "CodecConfig", "CodecRuntime", "HyperpriorCodec", "Pixels", "choose_quality", "decode_section",
         "default_weights_path", "encode_pixels", "export_codec", "load_codec", "read_image", "write_image",
-        "write_image_section", "SGASchedule", "RefineResult", "refine_latents",
+        "write_image_section", "SGASchedule", "RefineResult", "refine_latents", "encode", "decode",
+        "encode_images", "decode_images", "image_names", "ImageEncoder", "verify_section",
     },
 }
 

@@ -146,8 +146,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
         with open_archive(path) as reader:
             reader.verify()
             count = len(reader)
+            images = [s.name for s in reader.sections if s.kind == Kind.IMAGE]
+            if images:  # the latents' streams too: entropy-decoded, no pixels synthesized
+                from ncz.codec import load_codec, verify_section
+
+                runtime = load_codec(args.model)
+                for name in images:
+                    verify_section(reader, name, runtime)
         if not args.quiet:
-            print(f"{path}: OK ({count} sections, every checksum and stream verified)")
+            what = f", {len(images)} image(s) entropy-decoded" if images else ""
+            print(f"{path}: OK ({count} sections, every checksum and stream verified{what})")
     return 0
 
 
@@ -231,8 +239,7 @@ def _read_input(path: str):
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from ncz.codec import SGASchedule, load_codec
-    from ncz.codec.pillow_plugin import encode_images
+    from ncz.codec import SGASchedule, encode_images, load_codec
     from ncz.format import atomic_write
 
     if args.sga < 0 or (args.bpp is not None and not args.bpp > 0) or (args.size is not None and args.size <= 0):
@@ -246,8 +253,16 @@ def cmd_encode(args: argparse.Namespace) -> int:
     for path, pixels in images:
         for note in pixels.notes:
             print(f"ncz: note: {path}: {note}", file=sys.stderr)
-    data = encode_images(runtime, images, quality=args.quality, bpp=args.bpp, size=args.size, sga=sga,
-                         sga_progress=lambda label: _Bar(f"SGA {label}", sys.stderr.isatty(), unit="it"))
+    bars: dict[str, _Bar] = {}
+
+    def progress(label: str, done: int, total: int) -> None:
+        bar = bars.setdefault(label, _Bar(f"SGA {label}", sys.stderr.isatty(), unit="it"))
+        bar(done, total, "")
+        if done == total:
+            bar.close()
+
+    data = encode_images(images, runtime=runtime, quality=args.quality, bpp=args.bpp, size=args.size, sga=sga,
+                         progress=progress)
     total_pixels = sum(pixels.width * pixels.height for _, pixels in images)
     budget = args.size if args.size is not None else None if args.bpp is None else args.bpp * total_pixels / 8
     if args.output == "-":
@@ -286,11 +301,9 @@ def _decode_targets(reader, names: list[str], folder, extension: str) -> list[tu
 
 
 def _decode_image(reader, name: str, runtime, max_pixels: int | None):
-    """One image section's pixels, its pixels counted against the file's cap first."""
+    """One image section's pixels (decode_section counts them against the file's cap first)."""
     from ncz.codec import decode_section
 
-    params = reader.info(name).params  # width and height: ints, checked when the table was read
-    reader.charge_pixels(params["width"] * params["height"], f"image {name!r}")
     return decode_section(reader, name, runtime, **({} if max_pixels is None else {"max_pixels": max_pixels}))
 
 
@@ -401,8 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_unpack)
 
-    p = sub.add_parser("verify", help="check every checksum and decode every stream; exit 0 when sound")
+    p = sub.add_parser("verify", help="check every checksum and decode every stream (image latents included: "
+                                      "entropy-decoded with the codec weights); exit 0 when sound")
     p.add_argument("files", nargs="+", metavar="FILE", help=".ncz files")
+    p.add_argument("--model", help="codec weights for image sections (.ncz); default: the shipped weights")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_verify)
 
