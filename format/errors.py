@@ -6,15 +6,22 @@ it to a single line and exit code 1. Library code raises, never prints or exits.
 ::
 
     NczError                      root: catch this to handle any bad input
-    ├── FormatError               bytes that break a MUST of docs/FORMAT.md
+    ├── FormatError               bytes that break a MUST of docs/FORMAT.md, including a
+    │   │                         model-weight section whose params or parts break §5.4
     │   ├── TruncatedError        the file or a stream ends early
-    │   └── UnsupportedError      unknown critical kind/codec, or a feature not built here
+    │   ├── UnsupportedError      unknown critical kind/codec, or a feature not built here
+    │   └── AdaCompWireError      an AdaComp gradient message or bucket payload breaks §9
+    │                             (also a ValueError, as it was before it joined the tree)
     ├── VersionError              major version this reader does not implement
     ├── ChecksumError             a section, header or table fails its xxh3-64
     ├── LimitError                a declared size exceeds a reader cap (checked before allocating)
     ├── StreamError               an entropy-coded stream is corrupt, padded or short
-    ├── InputError                a non-.ncz input (image, checkpoint) is unusable or unsafe
-    └── UsageError                the caller asked for something impossible (bad argument)
+    ├── InputError                an input is unusable or unsafe although no .ncz rule is broken:
+    │                             not .ncz bytes (image, checkpoint, recipe file), or a sound
+    │                             .ncz of the wrong content (not a model archive, a tensor the
+    │                             model has no place for)
+    └── UsageError                the caller asked for something impossible (bad argument,
+        │                         bad option, a recipe naming no representation)
         └── DensityError          an entropy-coded section would hold more symbols per byte
                                   than FORMAT.md §7.1 allows (store it with another codec)
 
@@ -37,6 +44,7 @@ __all__ = [
     "InputError",
     "UsageError",
     "DensityError",
+    "AdaCompWireError",
 ]
 
 
@@ -73,7 +81,8 @@ class StreamError(NczError):
 
 
 class InputError(NczError):
-    """An input other than an .ncz file (an image, a checkpoint) is unusable or unsafe."""
+    """An input is unusable or unsafe without breaking a rule of FORMAT.md: it is not .ncz
+    bytes (an image, a checkpoint, a recipe file), or a sound .ncz holds the wrong content."""
 
 
 class UsageError(NczError, ValueError):
@@ -83,3 +92,8 @@ class UsageError(NczError, ValueError):
 class DensityError(UsageError):
     """Symbols too predictable for an entropy-coded section (FORMAT.md §7.1): a writer
     catches it and stores the data with another codec (e.g. ZSTD)."""
+
+
+class AdaCompWireError(FormatError, ValueError):
+    """Bytes that are not a valid AdaComp message or bucket payload (FORMAT.md §9). A
+    ValueError too: AdaComp raised ValueError subclasses before it joined this tree."""

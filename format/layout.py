@@ -16,7 +16,7 @@ from .errors import FormatError, LimitError, UsageError
 from .section_codecs import get_codec
 
 __all__ = ["MAGIC", "FOOTER_MAGIC", "VERSION", "ALIGNMENT", "PRELUDE", "PRELUDE_COVERED", "FOOTER", "ENTRY_FIELDS",
-           "MAX_NAME_BYTES", "KNOWN_FLAGS", "TENSOR_DTYPES", "MAX_TENSOR_RANK", "MAX_IMAGE_SIDE", "MAX_IMAGE_PIXELS",
+           "MAX_NAME_BYTES", "KNOWN_FLAGS", "TENSOR_DTYPES", "REPRESENTATION_HEADS", "MAX_TENSOR_RANK", "MAX_IMAGE_SIDE", "MAX_IMAGE_PIXELS",
            "Limits", "SectionInfo", "check_params", "align", "known_kind"]
 
 MAGIC = b"\x89NCZ\r\n\x1a\n"
@@ -139,7 +139,10 @@ def _tensor_nbytes(params: Mapping[str, Any], where: str, limits: Limits) -> int
     return count * TENSOR_DTYPES[dtype]
 
 
-_REPRESENTATION_HEADS = {Kind.BYTE_PLANES, Kind.QUANTIZED, Kind.LOW_RANK, Kind.DICTIONARY, Kind.CODEBOOK}
+# heads of model-weight representations other than TENSOR (FORMAT.md §5.4): their dtype/shape
+# describe the original tensor; ncz.models refuses to register a representation whose head kind
+# is missing here, so none is left unchecked
+REPRESENTATION_HEADS = frozenset({Kind.BYTE_PLANES, Kind.QUANTIZED, Kind.LOW_RANK, Kind.DICTIONARY, Kind.CODEBOOK})
 MAX_IMAGE_SIDE = 1 << 15
 MAX_IMAGE_PIXELS = 1 << 28  # one image (FORMAT.md §5.3)
 
@@ -182,7 +185,7 @@ def check_params(kind: int, params: Mapping[str, Any], decoded_length: int, wher
         nbytes = _tensor_nbytes(params, where, limits)
         if nbytes != decoded_length:
             raise FormatError(f"{where}: dtype/shape imply {nbytes} bytes but decoded_length={decoded_length}")
-    elif kind in _REPRESENTATION_HEADS:
+    elif kind in REPRESENTATION_HEADS:
         # the original tensor's dtype/shape: valid, and its dense size within the cap
         nbytes = _tensor_nbytes(params, where, limits)
         if nbytes > limits.max_decoded_bytes:

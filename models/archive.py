@@ -6,8 +6,8 @@ Data flow::
         ──recipe.choose──► representation encoder (worker threads, bounded window)
         ──► head + part sections, written in checkpoint order ──► .ncz (atomic)
 
-    .ncz ──head sections──► registered decoder per kind ──► dense tensors
-                                                    └─► or compact modules (load_into)
+    .ncz ──head sections──► representation of the kind (registry) ──► check_head, all heads first
+        ──► decode ──► dense tensors, or build_module ──► compact modules (load_into)
 
 Peak memory while packing: the tensors in flight (≤ workers + 1) and their
 encodings. Unpacking to safetensors streams tensor by tensor into the output.
@@ -18,45 +18,30 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ncz.format import InputError, Kind, LimitError, Limits, Reader, UsageError, Writer, atomic_write
+from ncz.format import FormatError, InputError, Kind, LimitError, Limits, Reader, SectionInfo, UsageError, Writer, atomic_write
 from ncz.format import open as open_archive
 
-import importlib
-import importlib.util
-
-from . import lossless, quantized  # noqa: F401 - register their decoders
+from . import registry
 from .checkpoint import TensorSource, check_name, check_tensor, open_checkpoint
-from .lossless import encode_lossless
-from .quantized import encode_quantized
-from .calibration import Calibration
+from .lossless import LOSSLESS
 from .recipe import Recipe
-from .representation import Encoded, decoder_for, dense_nbytes, module_builder_for
+from .representation import Encoded, Progress, dense_nbytes
 
-__all__ = ["ENCODERS", "TensorReport", "PackReport", "pack", "iter_tensors", "load_state_dict", "load_into", "unpack",
-           "describe", "register_encoder", "LoadReport"]
+if TYPE_CHECKING:  # calibration imports this module (a calibration file is an archive)
+    from .calibration import Calibration
+
+__all__ = ["ARCHIVE_TAG", "TensorReport", "PackReport", "pack", "write_encoded", "iter_tensors", "load_state_dict",
+           "load_into", "unpack", "describe", "LoadReport"]
 
 ARCHIVE_TAG = "ncz-model-archive"
-ENCODERS: dict[str, Callable[..., Encoded]] = {"lossless": encode_lossless, "quantized": encode_quantized}
-
-
-def register_encoder(name: str, encoder: Callable[..., Encoded]) -> None:
-    if name in ENCODERS:
-        raise UsageError(f"representation {name!r} already registered")
-    ENCODERS[name] = encoder
-
-
-# Representations that register themselves (encoder, decoder, module builder) on import.
-for _module in ("lowrank", "dictionary", "embedding"):
-    if importlib.util.find_spec(f"{__package__}.{_module}") is not None:
-        importlib.import_module(f"{__package__}.{_module}")
 
 
 @dataclass(frozen=True)
@@ -90,18 +75,16 @@ class PackReport:
         return 8 * self.file_bytes / max(self.numel, 1)
 
 
-Progress = Callable[[int, int, str], None]
-
-
 def _encode(name: str, tensor: torch.Tensor, recipe: Recipe, calibration: Calibration | None = None) -> Encoded:
     rule = recipe.choose(name, tensor)
-    if rule.representation != "lossless" and (not tensor.is_floating_point() or not torch.isfinite(tensor).all()):
-        return encode_lossless(name, tensor)  # integers, NaN/inf: only exact storage makes sense
+    if rule.representation != LOSSLESS.name and (not tensor.is_floating_point() or not torch.isfinite(tensor).all()):
+        return LOSSLESS.encode(name, tensor)  # integers, NaN/inf: only exact storage makes sense
+    representation = registry.by_name(rule.representation)
     options = dict(rule.options)
-    if calibration is not None and rule.representation == "quantized":
+    if calibration is not None and representation.uses_calibration:
         options["calibration"] = calibration.for_tensor(name, tuple(tensor.shape))
     try:
-        return ENCODERS[rule.representation](name, tensor, **options)
+        return representation.encode(name, tensor, **options)
     except TypeError as exc:
         raise UsageError(f"recipe {recipe.name!r}: bad options {rule.options} for {rule.representation!r} ({exc})") from exc
 
@@ -152,11 +135,7 @@ def pack(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | TensorSou
             while len(pending) > limit:
                 name, future = pending.pop(0)
                 encoded: Encoded = future.result()
-                for index, section in enumerate(encoded.sections):
-                    params = dict(section.params)
-                    if index == 0:
-                        params["rel_error"] = float(encoded.rel_error)
-                    writer.add_encoded(section.name, section.payload, kind=section.kind, params=params)
+                write_encoded(writer, encoded)
                 head = encoded.sections[0].params
                 reports.append(TensorReport(name, encoded.representation, tuple(head["shape"]), head["dtype"],
                                             encoded.numel, encoded.stored_bytes, encoded.rel_error))
@@ -175,36 +154,53 @@ def pack(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | TensorSou
     return PackReport(Path(output), os.path.getsize(output), reports, tuple(notes))
 
 
-def _heads(reader: Reader, *, decoding: bool = True) -> list:
-    """The head sections; with ``decoding``, their dense sizes together must fit the
-    reader's per-file budget, checked before any part is read (FORMAT.md §5.4)."""
+def write_encoded(writer: Writer, encoded: Encoded) -> None:
+    """Write one tensor's sections; the head gets the measured ``rel_error`` (FORMAT.md §5.4)."""
+    for index, section in enumerate(encoded.sections):
+        params = dict(section.params)
+        if index == 0:
+            params["rel_error"] = float(encoded.rel_error)
+        writer.add_encoded(section.name, section.payload, kind=section.kind, params=params)
+
+
+def _heads(reader: Reader, *, decoding: bool = True) -> list[SectionInfo]:
+    """The head sections. With ``decoding``, their dense sizes together must fit the
+    reader's per-file budget and every head must pass its representation's check,
+    both before any part is read (FORMAT.md §5.4)."""
     if reader.metadata.get("format") != ARCHIVE_TAG:
         raise InputError(f"{reader.name}: not a model archive (header.format is {reader.metadata.get('format')!r})")
     heads = []
     for info in reader.sections:
         if info.kind == Kind.PART or not info.known:
             continue
-        if decoder_for(info.kind) is None:
+        if registry.for_kind(info.kind) is None:
             if info.critical:
                 raise InputError(f"{reader.name}: section {info.name!r} has kind {info.kind_name}, which this "
                                  "build cannot turn into a tensor")
             continue
         heads.append(info)
-    total = sum(dense_nbytes(h.params) for h in heads)
-    if decoding and total > reader.limits.max_file_decoded_bytes:
-        raise LimitError(f"{reader.name}: its {len(heads)} tensors are {total} bytes dense; the limit is "
-                         f"{reader.limits.max_file_decoded_bytes} (Limits.max_file_decoded_bytes)")
+    if decoding:
+        total = sum(dense_nbytes(h.params) for h in heads)
+        if total > reader.limits.max_file_decoded_bytes:
+            raise LimitError(f"{reader.name}: its {len(heads)} tensors are {total} bytes dense; the limit is "
+                             f"{reader.limits.max_file_decoded_bytes} (Limits.max_file_decoded_bytes)")
+        for head in heads:
+            registry.for_kind(head.kind).check_head(head, reader)
     return heads
+
+
+def _decode(head: SectionInfo, reader: Reader) -> torch.Tensor:
+    tensor = registry.for_kind(head.kind).decode(head, reader)
+    if list(tensor.shape) != list(head.params["shape"]):  # parts that disagree with their head
+        raise FormatError(f"{reader.name}: {head.name!r} decoded to shape {list(tensor.shape)}")
+    return tensor
 
 
 def iter_tensors(path: str | os.PathLike[str], *, limits: Limits | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, dense tensor) in archive order, one at a time; ``limits`` raises or lowers the reader caps."""
     with open_archive(path, limits=limits) as reader:
         for head in _heads(reader):
-            tensor = decoder_for(head.kind)(head, reader)
-            if list(tensor.shape) != list(head.params["shape"]):
-                raise InputError(f"{reader.name}: {head.name!r} decoded to shape {list(tensor.shape)}")
-            yield head.name, tensor
+            yield head.name, _decode(head, reader)
 
 
 def load_state_dict(path: str | os.PathLike[str], *, limits: Limits | None = None) -> dict[str, torch.Tensor]:
@@ -250,11 +246,11 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, factorize
                 continue
             seen.add(name)
             owner_name, _, leaf = name.rpartition(".")
-            builder = module_builder_for(head.kind) if factorized and leaf == "weight" else None
+            builder = registry.for_kind(head.kind).build_module if factorized and leaf == "weight" else None
             if builder is not None:
                 factorizable.append((head, owner_name, builder))
                 continue
-            tensor = decoder_for(head.kind)(head, reader)
+            tensor = _decode(head, reader)
             target = own[name]
             if tuple(target.shape) != tuple(tensor.shape):
                 raise InputError(f"{reader.name}: {name!r} has shape {list(tensor.shape)}, the model expects {list(target.shape)}")

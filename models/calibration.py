@@ -22,17 +22,8 @@ match the mask's).
 
 The quantizer uses them (``pack(..., calibration=)``), with the *same* step
 grid and on-disk layout as data-free quantization, so a calibrated archive
-decodes with the same decoder:
-
-- linear weights are rounded column by column with the error of each column
-  pushed onto the columns not yet rounded through H's inverse Cholesky factor
-  (OBS / GPTQ: Frantar et al., "GPTQ", ICLR 2023; Hassibi & Stork 1993). The
-  step is the coarsest whose output error E does not exceed that of plain
-  rounding at the recipe's ``rel_error``: the recipe's allocation keeps its
-  meaning (the same output distortion) and the bits go down;
-- embedding rows get steps ∝ 1/√(fᵣ/f̄ + α) (α = 1: a row never seen keeps the
-  precision of an average one at half the weight), again as coarse as the
-  frequency-weighted error of plain rounding allows.
+decodes with the same decoder: GPTQ rounding for linear weights, steps ∝
+1/√(row importance) for embedding rows (:mod:`ncz.models.quantized.calibrated`).
 
 On all-MiniLM-L6-v2 with 600 CLINC150 training queries, at equal bits, the
 output-cosine drop falls 2.6-2.8x on the FFN input and attention-value
@@ -51,33 +42,17 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from ncz.format import InputError, UsageError
+from ncz.format import open as open_archive
+
+from .archive import iter_tensors, pack
+from .quantized import TensorCalibration
 
 __all__ = ["Calibration", "TensorCalibration", "calibrate", "CALIBRATION_TAG"]
 
 CALIBRATION_TAG = "ncz-calibration/v1"
-ROW_FLOOR = 1.0  # α: the importance floor of a row, in units of the mean row frequency
-# GPTQ damping: λ = 10 % of H's mean diagonal. On MiniLM calibrated with CLINC150 (preset small)
-# 1 % gave 2.44 bits/weight at cosine 0.978 on CLINC150 and 0.950 on PTB sentences, 10 % gave
-# 2.48 at 0.980 and 0.960: weight error hidden in directions the calibration data never excites
-# comes back on other data, and damping limits how much is hidden there.
-DAMPING = 0.1
-
-
-@dataclass(frozen=True)
-class TensorCalibration:
-    """The importance of one tensor's errors: ``hessian`` (in × in) for a linear weight,
-    ``row_counts`` (rows,) for an embedding table; exactly one is set."""
-
-    hessian: np.ndarray | None = None
-    row_counts: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if (self.hessian is None) == (self.row_counts is None):
-            raise UsageError("TensorCalibration takes exactly one of hessian and row_counts")
 
 
 @dataclass
@@ -103,8 +78,6 @@ class Calibration:
         return None
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from .archive import pack  # noqa: PLC0415 - archive imports this module's users
-
         tensors = {f"hessian/{k}": v.float().contiguous() for k, v in sorted(self.hessians.items())}
         tensors.update({f"rows/{k}": v.float().contiguous() for k, v in sorted(self.row_counts.items())})
         pack(tensors, path, recipe="lossless",
@@ -112,10 +85,6 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Calibration":
-        from ncz.format import open as open_archive  # noqa: PLC0415
-
-        from .archive import iter_tensors  # noqa: PLC0415
-
         with open_archive(path) as reader:
             meta = reader.metadata
         if meta.get("content") != CALIBRATION_TAG:
@@ -209,81 +178,3 @@ def calibrate(model: torch.nn.Module, batches: Iterable[Any], *, source: str = "
     hessians = {name: (total / max(seen[name], 1)).float() for name, total in sums.items()}
     return Calibration(hessians, {n: c.float() for n, c in counts.items()},
                        tokens or max(seen.values(), default=0), source)
-
-
-# --- quantization with calibration -------------------------------------------------------
-
-
-def row_importance(row_counts: np.ndarray) -> np.ndarray:
-    """fᵣ/f̄ + α: the weight of row r's squared error (never 0, so every row stays bounded)."""
-    mean = float(row_counts.mean()) if row_counts.size else 0.0
-    rel = row_counts / mean if mean > 0 else np.zeros_like(row_counts)
-    return rel + ROW_FLOOR
-
-
-def output_error(delta: np.ndarray, hessian: np.ndarray | torch.Tensor) -> float:
-    """tr(ΔW·H·ΔWᵀ): the expected squared output error of a linear layer (float32
-    products, float64 sum: it only steers the encoder's search)."""
-    d = torch.from_numpy(np.ascontiguousarray(delta, dtype=np.float32))
-    h = hessian if isinstance(hessian, torch.Tensor) else torch.from_numpy(np.asarray(hessian, dtype=np.float32))
-    return float(((d @ h.float()) * d).sum(dtype=torch.float64))
-
-
-def act_order(hessian: np.ndarray) -> np.ndarray:
-    """Columns by decreasing input energy (diag H), ties by index: GPTQ's act-order."""
-    return np.lexsort((np.arange(hessian.shape[0]), -np.diagonal(hessian)))
-
-
-def damped_inverse_factor(hessian: np.ndarray, order: np.ndarray | None = None) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + λI)⁻¹ (float64) with rows/columns in ``order``;
-    inputs the data never excited are made neutral."""
-    if order is not None:
-        hessian = hessian[np.ix_(order, order)]
-    h = torch.from_numpy(np.array(hessian, dtype=np.float64, copy=True))
-    dead = torch.diagonal(h) <= 0
-    h[dead, :] = 0
-    h[:, dead] = 0
-    h[dead, dead] = 1
-    mean_diag = float(torch.diagonal(h).mean())
-    h += DAMPING * (mean_diag if mean_diag > 0 else 1.0) * torch.eye(h.shape[0], dtype=torch.float64)
-    try:
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-        return torch.linalg.cholesky(inverse, upper=True)
-    except RuntimeError as exc:  # not positive definite even after damping: a corrupt file
-        raise InputError(f"calibration hessian is not positive semi-definite ({exc})") from exc
-
-
-def gptq_round(w: np.ndarray, steps: np.ndarray, factor: torch.Tensor, order: np.ndarray | None = None,
-               block: int = 128) -> np.ndarray:
-    """int32 indices q with Ŵ = q·steps, rounding column by column and pushing each
-    column's error onto the later columns through ``factor`` (GPTQ's lazy block updates).
-
-    ``steps`` is the float32 step of every weight (the decoder's). ``order`` is the
-    column order (GPTQ's "act-order": most excited inputs first, so their errors are
-    spread over the most columns); ``factor`` must be that of H permuted the same way.
-    Rows are independent, so any subset of rows gives the same result for those rows."""
-    perm = np.arange(w.shape[1]) if order is None else order
-    W = torch.from_numpy(np.ascontiguousarray(w[:, perm], dtype=np.float32))
-    S = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(steps, w.shape)[:, perm], dtype=np.float32))
-    U = factor.float()
-    Q = torch.empty_like(W)
-    n = W.shape[1]
-    for start in range(0, n, block):
-        end = min(start + block, n)
-        W1 = W[:, start:end].clone()
-        E1 = torch.empty_like(W1)
-        S1 = S[:, start:end]
-        U1 = U[start:end, start:end]
-        for i in range(end - start):
-            q = torch.round(W1[:, i] / S1[:, i])
-            Q[:, start + i] = q
-            err = (W1[:, i] - q * S1[:, i]) / U1[i, i]
-            W1[:, i + 1:] -= torch.outer(err, U1[i, i + 1:])
-            E1[:, i] = err
-        if end < n:
-            W[:, end:] -= E1 @ U[start:end, end:]
-    if not torch.isfinite(Q).all() or float(Q.abs().max()) >= 2**30:
-        raise UsageError("step too fine for int32 indices")
-    out = np.empty(w.shape, np.int32)
-    out[:, perm] = Q.numpy().astype(np.int32)
-    return out

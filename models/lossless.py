@@ -22,27 +22,28 @@ A part is uint8 ``[n]`` (raw/zstd) or int32 ``[n]`` symbols (ANS).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-import math
-
-from ncz.format import Codec, DensityError, InputError, Kind, Reader, SectionInfo, encode_payload
+from ncz.format import Codec, DensityError, FormatError, Kind, Reader, SectionInfo, encode_payload
 from ncz.format.entropy import read_symbols
 
 from .representation import (
     Encoded,
     PendingSection,
+    Representation,
     dtype_name,
     part_name,
     read_part,
-    register_decoder,
     smallest_payload,
     tensor_bytes,
+    tensor_label,
     torch_dtype,
 )
 
-__all__ = ["encode_lossless"]
+__all__ = ["encode_lossless", "decode_lossless", "check_lossless_head", "LOSSLESS"]
 
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
@@ -126,7 +127,7 @@ def _plane(reader: Reader, head: SectionInfo, k: int, count: int) -> np.ndarray:
     else:
         plane = read_part(reader, head, f"p{k}")
     if plane.shape != (count,):
-        raise InputError(f"{reader.name}: plane {name!r} has {plane.size} bytes, expected {count}")
+        raise FormatError(f"{reader.name}: plane {name!r} has {plane.size} bytes, expected {count}")
     if plane.dtype == np.int32:  # symbols; one pass: a negative int32 is a large uint32
         outside = plane.size and int(plane.view(np.uint32).max()) > 255
     elif plane.dtype != np.uint8:
@@ -134,14 +135,20 @@ def _plane(reader: Reader, head: SectionInfo, k: int, count: int) -> np.ndarray:
     else:
         outside = False
     if outside:
-        raise InputError(f"{reader.name}: plane {k} of {head.name!r} holds values outside 0..255")
+        raise FormatError(f"{reader.name}: plane {k} of {head.name!r} holds values outside 0..255")
     return plane
 
 
+def check_lossless_head(head: SectionInfo, reader: Reader) -> None:
+    """A ``TENSOR`` head is checked whole by the container; byte planes are for floats only."""
+    if head.kind == Kind.BYTE_PLANES and head.params["dtype"] not in _ITEMSIZE:
+        raise FormatError(f"{tensor_label(reader, head)}: byte-plane tensor has dtype {head.params['dtype']!r}; "
+                          "planes are for floats")
+
+
 def decode_byte_planes(head: SectionInfo, reader: Reader) -> torch.Tensor:
+    check_lossless_head(head, reader)
     dtype_str = head.params["dtype"]
-    if dtype_str not in _ITEMSIZE:
-        raise InputError(f"{reader.name}: byte-plane tensor {head.name!r} has dtype {dtype_str!r}; planes are for floats")
     size = _ITEMSIZE[dtype_str]
     shape = head.params["shape"]
     count = math.prod(shape)  # exact (the container capped the dense size)
@@ -152,5 +159,10 @@ def decode_byte_planes(head: SectionInfo, reader: Reader) -> torch.Tensor:
     return torch.from_numpy(out.reshape(-1)).view(torch_dtype(dtype_str)).reshape(shape)
 
 
-register_decoder(Kind.TENSOR, decode_tensor)
-register_decoder(Kind.BYTE_PLANES, decode_byte_planes)
+def decode_lossless(head: SectionInfo, reader: Reader) -> torch.Tensor:
+    """Kind ``TENSOR`` or ``BYTE_PLANES``: the exact tensor."""
+    return decode_tensor(head, reader) if head.kind == Kind.TENSOR else decode_byte_planes(head, reader)
+
+
+LOSSLESS = Representation("lossless", (Kind.TENSOR, Kind.BYTE_PLANES), encode_lossless, decode_lossless,
+                          check_lossless_head)

@@ -28,7 +28,6 @@ Every option other than the rule keys goes to the representation's encoder.
 from __future__ import annotations
 
 import fnmatch
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,13 @@ from typing import Any
 import torch
 
 from ncz.format import InputError, UsageError
+
+from . import registry
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10; tomli is the same parser (pyproject requires it there)
+    import tomli as tomllib
 
 __all__ = ["Rule", "Recipe", "PRESETS", "TENSOR_CLASSES", "tiered"]
 
@@ -78,12 +84,10 @@ class Recipe:
     rules: tuple[Rule, ...]
 
     def __post_init__(self) -> None:
-        from .archive import ENCODERS  # noqa: PLC0415 - the registry lives with pack()
-
         for rule in self.rules:
-            if rule.representation not in ENCODERS:
+            if rule.representation not in registry.names():
                 raise UsageError(f"recipe {self.name!r}: unknown representation {rule.representation!r}"
-                                 f" (known: {sorted(ENCODERS)})")
+                                 f" (known: {registry.names()})")
 
     def choose(self, name: str, tensor: torch.Tensor) -> Rule:
         for rule in self.rules:

@@ -1,14 +1,18 @@
-"""What every weight representation shares: pending sections, results, the registry.
+"""What every weight representation shares: the record that describes one, pending
+sections and results, and the helpers their encoders and decoders use.
 
 A representation turns one tensor into a *head* section (its kind names the
 representation) plus ``PART`` sections named ``<head>#<part>`` (FORMAT.md §5.4),
-and back::
+and back. It is described by one :class:`Representation` record::
 
     encode(name, tensor, **options) -> Encoded(sections=[head, parts...], rel_error)
-    decode(head: SectionInfo, reader) -> torch.Tensor   (registered by head kind)
+    check_head(head, reader)        -> None   (params and references, from the table alone)
+    decode(head, reader)            -> torch.Tensor
+    build_module(head, reader, original_module) -> compact module   (optional)
 
-Encoders pre-encode payloads (``ncz.format.encode_payload``) so they can pick the
-smallest codec per part before anything is written.
+The records are listed once, in :mod:`ncz.models.registry`. Encoders pre-encode
+payloads (``ncz.format.encode_payload``) so they can pick the smallest codec per
+part before anything is written.
 """
 
 from __future__ import annotations
@@ -24,21 +28,26 @@ from ncz.format import (
     Codec,
     DensityError,
     EncodedPayload,
+    FormatError,
     InputError,
     Kind,
     Reader,
     SectionInfo,
+    UnsupportedError,
     UsageError,
     encode_payload,
 )
+from ncz.format.layout import REPRESENTATION_HEADS
 
 __all__ = [
     "PendingSection",
     "Encoded",
-    "register_decoder",
-    "decoder_for",
-    "register_module",
-    "module_builder_for",
+    "Representation",
+    "Encoder",
+    "Progress",
+    "Decoder",
+    "HeadCheck",
+    "ModuleBuilder",
     "DTYPE_NAMES",
     "dtype_name",
     "torch_dtype",
@@ -49,6 +58,8 @@ __all__ = [
     "symbol_payload",
     "dense_nbytes",
     "relative_error",
+    "entropy_bits",
+    "tensor_label",
 ]
 
 DTYPE_NAMES = {
@@ -69,10 +80,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a head's ``dtype``; FORMAT.md dtypes torch lacks (uint16 …) are a
+    feature not built here."""
     try:
         return _TORCH_OF[name]
     except KeyError:
-        raise UsageError(f"dtype {name!r} cannot be restored as a torch tensor") from None
+        raise UnsupportedError(f"dtype {name!r} cannot be restored as a torch tensor") from None
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -112,51 +125,61 @@ class Encoded:
         return 8 * self.stored_bytes / max(self.numel, 1)
 
 
+Progress = Callable[[int, int, str], None]  # (done, total, what): how long work reports itself
+Encoder = Callable[..., Encoded]  # (name, tensor, **options) -> Encoded
 Decoder = Callable[[SectionInfo, Reader], torch.Tensor]
-_DECODERS: dict[int, Decoder] = {}
-
-
-def register_decoder(kind: Kind, decoder: Decoder) -> None:
-    if int(kind) in _DECODERS:
-        raise UsageError(f"a decoder for kind {kind!r} is already registered")
-    _DECODERS[int(kind)] = decoder
-
-
-def decoder_for(kind: int) -> Decoder | None:
-    return _DECODERS.get(kind)
-
-
+HeadCheck = Callable[[SectionInfo, Reader], None]
 ModuleBuilder = Callable[[SectionInfo, Reader, torch.nn.Module], torch.nn.Module]
-_MODULES: dict[int, ModuleBuilder] = {}
 
 
-def register_module(kind: Kind, builder: ModuleBuilder) -> None:
-    """Register how a head of ``kind`` becomes a compact module (``load_into(factorized=True)``).
+@dataclass(frozen=True)
+class Representation:
+    """Everything the archive needs to know about one weight representation.
 
-    ``builder(head, reader, original)`` gets the module that owns the weight
-    (e.g. an ``nn.Linear``) and returns its replacement (e.g. ``LowRankLinear``)
-    carrying over everything but the weight (bias, padding_idx, ...).
+    ``check_head(head, reader)`` validates the head's params (and references to
+    other heads) from the section table alone, so an archive is checked before
+    any part is read or anything allocated; ``decode`` may assume it passed.
+    ``build_module(head, reader, original)`` gets the module that owns the
+    weight (e.g. an ``nn.Linear``) and returns its compact replacement (e.g.
+    ``LowRankLinear``) carrying over everything but the weight; None: dense only.
+    ``uses_calibration``: ``encode`` takes ``calibration=`` (a
+    :class:`ncz.models.quantized.TensorCalibration` or None) when the archive is
+    packed with calibration statistics.
     """
-    if int(kind) in _MODULES:
-        raise UsageError(f"a module builder for kind {kind!r} is already registered")
-    _MODULES[int(kind)] = builder
+
+    name: str  # what recipes call it
+    kinds: tuple[Kind, ...]  # the head kinds it writes and decodes
+    encode: Encoder
+    decode: Decoder
+    check_head: HeadCheck
+    build_module: ModuleBuilder | None = None
+    uses_calibration: bool = False
+
+    def __post_init__(self) -> None:
+        # the container checks a head's dtype/shape and caps its dense size when the table is
+        # read (FORMAT.md §5.4); a head kind it does not know as one would skip that silently
+        for kind in self.kinds:
+            if kind != Kind.TENSOR and kind not in REPRESENTATION_HEADS:
+                raise UsageError(f"representation {self.name!r}: kind {kind!r} is not a representation head "
+                                 "the container validates (ncz.format.layout.REPRESENTATION_HEADS)")
 
 
-def module_builder_for(kind: int) -> ModuleBuilder | None:
-    return _MODULES.get(kind)
+def tensor_label(reader: Reader, head: SectionInfo) -> str:
+    """How decoder messages name a tensor: the file and the head."""
+    return f"{reader.name}: {head.name!r}"
 
 
 def read_part(reader: Reader, head: SectionInfo, part: str, *, dtype: str | None = None) -> np.ndarray:
     """A part's decoded content as a numpy array of its declared dtype and shape."""
     name = part_name(head.name, part)
     if name not in reader:
-        raise InputError(f"{reader.name}: tensor {head.name!r} lacks its part {name!r}")
+        raise FormatError(f"{reader.name}: tensor {head.name!r} lacks its part {name!r}")
     info = reader.info(name)
     if info.kind != Kind.PART:
-        raise InputError(f"{reader.name}: section {name!r} should be a part (kind {int(Kind.PART)})")
+        raise FormatError(f"{reader.name}: section {name!r} should be a part (kind {int(Kind.PART)})")
     declared = info.params.get("dtype")
     if dtype is not None and declared != dtype:
-        raise InputError(f"{reader.name}: part {name!r} has dtype {declared!r}, expected {dtype!r}")
+        raise FormatError(f"{reader.name}: part {name!r} has dtype {declared!r}, expected {dtype!r}")
     data = reader.view(name) if info.codec == Codec.RAW else reader.read(name)
     np_dtype = np.dtype(declared).newbyteorder("<") if declared != "bfloat16" else np.dtype("<u2")
     return np.frombuffer(data, dtype=np_dtype).reshape(info.params["shape"])
@@ -197,3 +220,15 @@ def relative_error(original: torch.Tensor, restored: torch.Tensor) -> float:
     norm = float(a.norm())
     diff = float((a - b).norm())
     return diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def entropy_bits(q: np.ndarray) -> float:
+    """Empirical entropy in bits per symbol (what a fitted ANS table achieves, ±table cost)."""
+    lo, hi = int(q.min()), int(q.max())
+    if hi - lo < 1 << 22:
+        counts = np.bincount((q - lo).ravel())
+    else:
+        counts = np.unique(q, return_counts=True)[1]
+    counts = counts[counts > 0].astype(np.float64)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())

@@ -10,7 +10,7 @@ import torch
 
 import ncz.format as nf
 from ncz.models import Calibration, Recipe, calibrate, load_state_dict, pack
-from ncz.models.calibration import damped_inverse_factor, output_error, row_importance
+from ncz.models.quantized.calibrated import damped_inverse_factor, output_error, row_importance
 from ncz.tools.cli import main
 
 VOCAB, DIM, HIDDEN = 300, 32, 64

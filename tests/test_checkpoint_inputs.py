@@ -149,5 +149,5 @@ def test_quantized_float_steps_must_be_finite_and_positive(tmp_path, step):
                 Section("w#step", nf.Kind.PART, nf.Codec.RAW, np.array([[step]], "<f4").tobytes(), None,
                         {"dtype": "float32", "shape": [1, 1]})]
     (tmp_path / "q.ncz").write_bytes(build(sections, ARCHIVE))
-    with pytest.raises(nf.InputError, match="steps must be finite and > 0"):
+    with pytest.raises(nf.FormatError, match="steps must be finite and > 0"):
         load_state_dict(tmp_path / "q.ncz")

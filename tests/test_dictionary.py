@@ -329,11 +329,11 @@ def test_hostile_dictionary_archives(tmp_path, small_archive):
     }
     for label, (change, message) in cases.items():
         bad = _rewrite(ok, tmp_path / f"{label}.ncz", **change)
-        with pytest.raises(nf.InputError, match=message):
+        with pytest.raises(nf.FormatError, match=message):
             load_state_dict(bad)
         model = nn.Module()
         model.a, model.b = nn.Linear(24, 16), nn.Linear(20, 16)
-        with pytest.raises(nf.InputError):
+        with pytest.raises(nf.FormatError):
             load_into(model, bad, strict=False)
 
 

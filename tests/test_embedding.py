@@ -14,14 +14,9 @@ from torch import nn
 import ncz.format as nf
 from ncz.format import Codec, Kind, encode_payload
 from ncz.models import Recipe, load_into, load_state_dict, pack
-from ncz.models.embedding import (
-    CodebookEmbedding,
-    encode_codebook,
-    finetune_codebooks,
-    packable_state_dict,
-    product_quantize,
-    reconstruct,
-)
+from ncz.models.codebook import CodebookEmbedding, encode_codebook, product_quantize, reconstruct
+from ncz.models.codebook.pq import assign_stages
+from ncz.models.embedding import finetune_codebooks, packable_state_dict
 
 
 @pytest.fixture(autouse=True)
@@ -66,9 +61,8 @@ def test_error_decreases_with_centroids_and_subspaces():
     assert _err(table, subspaces=4, centroids=16, stages=2) < 0.85 * by_k[1]
     # k-means is far better than codebooks of random rows at the same size
     books, _ = product_quantize(table, subspaces=4, centroids=16, iterations=0)
-    from ncz.models.embedding import _assign_stages
 
-    random_err = float((reconstruct(books, _assign_stages(table, books)) - table).norm() / table.norm())
+    random_err = float((reconstruct(books, assign_stages(table, books)) - table).norm() / table.norm())
     assert by_k[1] < 0.9 * random_err
 
 
@@ -313,9 +307,9 @@ def _codes_of(path) -> np.ndarray:
 ])
 def test_hostile_head_params_are_refused(tmp_path, change, match):
     bad = _rewrite(_valid(tmp_path), tmp_path / "bad.ncz", params=change)
-    with pytest.raises(nf.InputError, match=match):
+    with pytest.raises(nf.FormatError, match=match):
         load_state_dict(bad)
-    with pytest.raises(nf.InputError):
+    with pytest.raises(nf.FormatError):
         load_into(_Tagger(vocab=200, dim=16), bad)
 
 
@@ -345,10 +339,10 @@ def test_hostile_parts_are_refused(tmp_path):
     assert shape == [200, 4]
     for index, (parts, match) in enumerate(cases):
         bad = _rewrite(path, tmp_path / f"bad{index}.ncz", parts=parts)
-        with pytest.raises(nf.InputError, match=match):
+        with pytest.raises(nf.FormatError, match=match):
             load_state_dict(bad)
     bad = _rewrite(path, tmp_path / "nocodes.ncz", drop={"emb.weight#codes"})
-    with pytest.raises(nf.InputError, match="lacks its part"):
+    with pytest.raises(nf.FormatError, match="lacks its part"):
         load_state_dict(bad)
 
 
@@ -356,13 +350,13 @@ def test_hostile_quantized_codebooks_are_refused(tmp_path):
     path = _valid(tmp_path, storage="quantized")
     assert torch.isfinite(load_state_dict(path)["emb.weight"]).all()
     steps = (encode_payload(np.ones((3, 1), "<f4").tobytes(), Codec.RAW), {"dtype": "float32", "shape": [3, 1]})
-    with pytest.raises(nf.InputError, match="steps have shape"):
+    with pytest.raises(nf.FormatError, match="steps have shape"):
         load_state_dict(_rewrite(path, tmp_path / "b1.ncz", parts={"emb.weight#steps": steps}))
     q = (encode_payload(np.zeros((4, 31), "<i4").tobytes(), Codec.ZSTD), {"dtype": "int32", "shape": [4, 31]})
-    with pytest.raises(nf.InputError, match="quantized codebooks have shape"):
+    with pytest.raises(nf.FormatError, match="quantized codebooks have shape"):
         load_state_dict(_rewrite(path, tmp_path / "b2.ncz", parts={"emb.weight#codebooks": q}))
     nan = (encode_payload(np.full((4, 1), np.nan, "<f4").tobytes(), Codec.RAW), {"dtype": "float32", "shape": [4, 1]})
-    with pytest.raises(nf.InputError, match="NaN or inf"):
+    with pytest.raises(nf.FormatError, match="NaN or inf"):
         load_state_dict(_rewrite(path, tmp_path / "b3.ncz", parts={"emb.weight#steps": nan}))
-    with pytest.raises(nf.InputError, match="lacks its part"):
+    with pytest.raises(nf.FormatError, match="lacks its part"):
         load_state_dict(_rewrite(path, tmp_path / "b4.ncz", drop={"emb.weight#steps"}))

@@ -17,12 +17,12 @@ from ncz.models.lowrank import (
     LowRankLinear,
     break_even_rank,
     encode_lowrank,
-    plan_lowrank,
     ranks_proxy,
     select_ranks,
     stable_rank_penalty,
     uniform_ranks,
 )
+from ncz.models.lowrank.plan import plan_lowrank
 from ncz.models.representation import relative_error
 
 
@@ -352,31 +352,31 @@ def test_hostile_archives(tmp_path):
         if message is None:
             assert load_state_dict(bad)["w"].shape == (12, 4, 5)
             continue
-        with pytest.raises(nf.InputError, match=message):
+        with pytest.raises(nf.FormatError, match=message):
             load_state_dict(bad)
     # a part with the wrong shape (a fourth column), a missing part, non-finite steps, overflow
     wide = nf.encode_payload(np.zeros((12, 4), "<i4").tobytes(), nf.Codec.ZSTD)  # constant: too dense for ANS
     _rewrite(src, bad, replace={"w#u": (wide, {"dtype": "int32", "shape": [12, 4]})})
-    with pytest.raises(nf.InputError, match=r"w#u.*shape \[12, 4\], expected \[12, 3\]"):
+    with pytest.raises(nf.FormatError, match=r"w#u.*shape \[12, 4\], expected \[12, 3\]"):
         load_state_dict(bad)
     floats = nf.encode_payload(np.zeros((12, 3), "<f4").tobytes(), nf.Codec.RAW)
     _rewrite(src, bad, replace={"w#u": (floats, {"dtype": "float32", "shape": [12, 3]})})
-    with pytest.raises(nf.InputError, match="dtype"):
+    with pytest.raises(nf.FormatError, match="dtype"):
         load_state_dict(bad)
     _rewrite(src, bad, drop={"w#v_step"})
-    with pytest.raises(nf.InputError, match="lacks its part"):
+    with pytest.raises(nf.FormatError, match="lacks its part"):
         load_state_dict(bad)
     nan = nf.encode_payload(np.array([1.0, np.nan, 1.0], "<f4").tobytes(), nf.Codec.RAW)
     _rewrite(src, bad, replace={"w#v_step": (nan, {"dtype": "float32", "shape": [3]})})
-    with pytest.raises(nf.InputError, match="non-finite"):
+    with pytest.raises(nf.FormatError, match="non-finite"):
         load_state_dict(bad)
     huge = nf.encode_payload(np.full(3, 3e38, "<f4").tobytes(), nf.Codec.RAW)
     _rewrite(src, bad, replace={"w#u_step": (huge, {"dtype": "float32", "shape": [3]})})
-    with pytest.raises(nf.InputError, match="overflow|non-finite"):
+    with pytest.raises(nf.FormatError, match="overflow|non-finite"):
         load_state_dict(bad)
     # the compact-module path validates the same way, and checks the owner's shape
     _rewrite(src, bad, params={"rank": 13})
-    with pytest.raises(nf.InputError, match="params.rank"):
+    with pytest.raises(nf.FormatError, match="params.rank"):
         _build(bad, nn.Linear(20, 12))
     with pytest.raises(nf.InputError, match="expects"):
         _build(src, nn.Linear(12, 20))
@@ -385,11 +385,11 @@ def test_hostile_archives(tmp_path):
 
 def _build(path, owner: nn.Module) -> nn.Module:
     """What load_into does with the head "w" for an owner module."""
-    from ncz.models.representation import module_builder_for
+    from ncz.models import registry
 
     with nf.open(path) as reader:
         head = reader.info("w")
-        return module_builder_for(head.kind)(head, reader, owner)
+        return registry.for_kind(head.kind).build_module(head, reader, owner)
 
 
 # --------------------------------------------------------------------------- compression-friendly training

@@ -10,11 +10,11 @@ import ncz.format as nf
 from ncz.format import Codec, encode_payload
 from ncz.models import Recipe, load_state_dict, pack
 from ncz.models.quantized import (
-    _step_codes,
     dequantize,
     pair_symbols,
     quantize,
     quantize_codes,
+    step_codes,
     step_values,
     unpair_symbols,
 )
@@ -77,7 +77,7 @@ def _set_sections(path, out, sections: dict):
 
 def test_step_codes_are_a_fine_exact_grid():
     x = np.exp(np.random.default_rng(0).uniform(-20, 20, 10_000))
-    codes = _step_codes(x)
+    codes = step_codes(x)
     values = step_values(codes)
     assert values.dtype == np.float32
     assert np.max(np.abs(values / x - 1)) <= 1 / 64 + 1e-6  # 5-bit mantissa: nearest within 1.6 %
@@ -179,18 +179,18 @@ def test_hostile_pairs_are_refused(tmp_path):
     bad = symbols.copy()
     bad[0] = k * k + 0  # escape of the pair (0, 0), which has a regular symbol
     _set_part(path, tmp_path / "a.ncz", "w#q", bad, [n])
-    with pytest.raises(nf.InputError, match="not canonical"):
+    with pytest.raises(nf.FormatError, match="not canonical"):
         load_state_dict(tmp_path / "a.ncz")
     bad = symbols.copy()
     bad[-1] = (k // 2) * k + (k // 2 + 1)  # padding index 1
     _set_part(path, tmp_path / "b.ncz", "w#q", bad, [n])
-    with pytest.raises(nf.InputError, match="padding"):
+    with pytest.raises(nf.FormatError, match="padding"):
         load_state_dict(tmp_path / "b.ncz")
     _set_part(path, tmp_path / "c.ncz", "w#q", symbols[:-1], [n - 1])
-    with pytest.raises(nf.InputError, match="pair symbols"):
+    with pytest.raises(nf.FormatError, match="pair symbols"):
         load_state_dict(tmp_path / "c.ncz")
     _set_head_params(path, tmp_path / "d.ncz", "w", pair=7)
-    with pytest.raises(nf.InputError, match="params.pair"):
+    with pytest.raises(nf.FormatError, match="params.pair"):
         load_state_dict(tmp_path / "d.ncz")
 
 
@@ -206,7 +206,7 @@ def test_paired_indices_in_any_codec(tmp_path):
     _set_sections(path, tmp_path / "raw.ncz", {"w#q": (q, Codec.RAW, info.params)})
     assert torch.equal(load_state_dict(tmp_path / "raw.ncz")["w"], expected)
     _set_sections(path, tmp_path / "u8.ncz", {"w#q": (q, Codec.RAW, {"dtype": "uint8", "shape": [len(q)]})})
-    with pytest.raises(nf.InputError, match="expected 'int32'"):
+    with pytest.raises(nf.FormatError, match="expected 'int32'"):
         load_state_dict(tmp_path / "u8.ncz")
 
 
@@ -214,16 +214,16 @@ def test_hostile_step_codes_are_refused(tmp_path):
     path = tmp_path / "s.ncz"
     pack({"w": torch.randn(64, 96)}, path, recipe=_recipe(rel_error=0.01, granularity="rowcol"))
     _set_head_params(path, tmp_path / "a.ncz", "w", step_base="1.0")
-    with pytest.raises(nf.InputError, match="step_base"):
+    with pytest.raises(nf.FormatError, match="step_base"):
         load_state_dict(tmp_path / "a.ncz")
     _set_head_params(path, tmp_path / "b.ncz", "w", step_base=-1.0)
-    with pytest.raises(nf.InputError, match="step_base"):
+    with pytest.raises(nf.FormatError, match="step_base"):
         load_state_dict(tmp_path / "b.ncz")
     _set_part(path, tmp_path / "c.ncz", "w#step", np.full((64, 1), 61 * 32, np.int32), [64, 1])
-    with pytest.raises(nf.InputError, match="step codes"):
+    with pytest.raises(nf.FormatError, match="step codes"):
         load_state_dict(tmp_path / "c.ncz")
     _set_part(path, tmp_path / "d.ncz", "w#colscale", np.zeros((1, 95), np.int32), [1, 95])
-    with pytest.raises(nf.InputError, match="column scales"):
+    with pytest.raises(nf.FormatError, match="column scales"):
         load_state_dict(tmp_path / "d.ncz")
 
 
@@ -286,11 +286,11 @@ def test_byte_planes_in_any_codec_and_out_of_range_symbols(tmp_path):
             values = planes[3].copy()
             values[5] = bad
             _set_sections(path, tmp_path / "bad.ncz", {"w#p3": part(values, codec)})
-            with pytest.raises(nf.InputError, match="outside 0..255"):
+            with pytest.raises(nf.FormatError, match="outside 0..255"):
                 load_state_dict(tmp_path / "bad.ncz")
     _set_sections(path, tmp_path / "short.ncz", {"w#p3": (np.asarray(planes[3][:-1], "<i4").tobytes(), Codec.ANS,
                                                           {"dtype": "int32", "shape": [n - 1]})})
-    with pytest.raises(nf.InputError, match=f"expected {n}"):
+    with pytest.raises(nf.FormatError, match=f"expected {n}"):
         load_state_dict(tmp_path / "short.ncz")
 
 

@@ -194,7 +194,7 @@ def test_hostile_archives(tmp_path):
             if not info.name.endswith("#q"):
                 w.add_stored(info.name, bytes(reader.stored(info.name)), decoded_length=info.decoded_length,
                              kind=info.kind, codec=info.codec, params=info.params)
-    with pytest.raises(nf.InputError, match="lacks its part"):
+    with pytest.raises(nf.FormatError, match="lacks its part"):
         load_state_dict(tmp_path / "broken.ncz")
 
 

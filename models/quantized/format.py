@@ -1,0 +1,204 @@
+"""The ``QUANTIZED`` sections: encoder, head check and decoder.
+
+Kind ``QUANTIZED`` (FORMAT.md §5.4). Head params: ``dtype``, ``shape``,
+``granularity`` (``tensor`` | ``channel`` | ``group`` | ``rowcol``),
+``group_size`` (group only), ``step_base`` (float, the float32 multiplier; absent
+in files whose ``#step`` is float32), ``pair`` (K ∈ {4, 8, 16, 32, 64}, only when
+indices are paired). Parts:
+
+- ``#q``: int32 (ANS): the indices in C order of the (rows, cols) view (rows =
+  first dimension), shape ``[n]``; with ``pair`` = K, ``[ceil(n/2)]`` symbols
+  ``(a + K/2)·K + (b + K/2)`` for the pair (a, b) when both lie in −K/2…K/2−1,
+  else ``K² + (zigzag(a) << 15 | zigzag(b))`` (|a|, |b| < 2¹⁴); an odd n is padded
+  with the index 0;
+- ``#step``: int32 step codes (ANS), shape ``[1, 1]`` / ``[rows, 1]`` (channel,
+  rowcol) / ``[rows, groups]``, each ``c = 32e + f`` with −60 ≤ e ≤ 60, step =
+  float32(``step_base``) · ldexp(32 + f, e − 5) in float32; or (older files,
+  no ``step_base``) float32 steps of that shape;
+- ``#colscale`` (rowcol only): int32 codes ``[1, cols]``, scale = ldexp(32 + f, e − 5).
+
+Decoding: Ŵ[i, j] = float32(q[i, j]) · step[i, j], with step[i, j] = step of row i
+(× colscale[j] for rowcol, that product rounded to float32 first; the step of
+the group of j for group), then cast to ``dtype`` and reshaped to ``shape``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ncz.format import Codec, FormatError, Kind, Reader, SectionInfo, UsageError, encode_payload
+from ncz.format.entropy import read_symbols
+
+from ..representation import (
+    Encoded,
+    PendingSection,
+    dtype_name,
+    part_name,
+    read_part,
+    symbol_payload,
+    tensor_label,
+    torch_dtype,
+)
+from .calibrated import TensorCalibration, quantize_calibrated
+from .pairs import PAIR_WIDTHS, pair_symbols, pair_width, unpair_symbols
+from .steps import GRANULARITIES, STEP_CODE_RANGE, Steps, dequantize, quantize_codes, step_values
+
+__all__ = ["encode_quantized", "check_quantized_head", "decode_quantized"]
+
+
+def _restored_error(tensor: torch.Tensor, q: np.ndarray, steps: Steps, granularity: str, group_size: int) -> float:
+    """Relative error after the decoder's cast back to the tensor's dtype."""
+    restored = torch.from_numpy(dequantize(q, steps, granularity, group_size)).to(tensor.dtype).double().reshape(-1)
+    original = tensor.detach().double().reshape(-1)
+    return float((original - restored).norm() / original.norm()) if float(original.norm()) > 0 else 0.0
+
+
+def encode_quantized(name: str, tensor: torch.Tensor, *, rel_error: float | None = None, bits: float | None = None,
+                     granularity: str = "channel", group_size: int = 64,
+                     calibration: TensorCalibration | None = None,
+                     calibrated_rel_error: float | None = None) -> Encoded:
+    """Quantize ``tensor`` (see :mod:`.steps`); with ``calibration`` (a
+    :class:`~.calibrated.TensorCalibration`) and a ``rel_error`` target, the
+    output error of plain rounding at ``rel_error`` — or at ``calibrated_rel_error``
+    when given, the recipe's allocation for calibrated packing — is met with fewer
+    bits (:func:`quantize_calibrated`)."""
+    for key, value in (("rel_error", rel_error), ("bits", bits), ("calibrated_rel_error", calibrated_rel_error)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < math.inf):
+            raise UsageError(f"{name}: {key} must be a number > 0, got {value!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise UsageError(f"{name}: group_size must be an integer >= 1, got {group_size!r}")
+    if calibration is not None and calibrated_rel_error is not None and rel_error is not None:
+        rel_error = calibrated_rel_error
+    if not tensor.is_floating_point():
+        raise UsageError(f"{name}: only floating-point tensors can be quantized")
+    if granularity not in GRANULARITIES:
+        raise UsageError(f"{name}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    shape = list(tensor.shape)
+    w = tensor.detach().float().cpu().numpy()
+    rows = shape[0] if len(shape) >= 2 else 1
+    w2 = w.reshape(rows, w.size // rows if rows else 0)
+    if granularity == "group" and w2.shape[1] % group_size:
+        granularity = "channel"  # the row length does not split into groups
+    if granularity == "rowcol" and (len(shape) < 2 or w2.shape[1] < 2):
+        granularity = "channel"  # a vector has no columns to scale
+    target = rel_error
+    for _ in range(8):
+        result = quantize_codes(w2, rel_error=target, bits=bits, granularity=granularity, group_size=group_size)
+        q, steps, err = result.q, result.steps, result.rel_error
+        if tensor.dtype == torch.float32:
+            break
+        # the decoder casts back to the original dtype: report (and bound) that error
+        err = _restored_error(tensor, q, steps, granularity, group_size)
+        if rel_error is None or err <= rel_error or target < rel_error / 2:
+            break
+        target *= 0.97  # the cast's rounding pushed it over: aim a little lower
+    if calibration is not None and rel_error is not None:
+        result, granularity = quantize_calibrated(w2, result, calibration, granularity, group_size)
+        q, steps = result.q, result.steps
+        err = _restored_error(tensor, q, steps, granularity, group_size) if tensor.dtype != torch.float32 \
+            else result.rel_error
+    params = {"dtype": dtype_name(tensor.dtype), "shape": shape, "granularity": granularity,
+              "step_base": result.base}
+    if granularity == "group":
+        params["group_size"] = group_size
+
+    def codes_part(part: str, codes: np.ndarray) -> PendingSection:
+        return PendingSection(part_name(name, part), symbol_payload(codes), Kind.PART,
+                              {"dtype": "int32", "shape": list(codes.shape)})
+
+    width = pair_width(q)
+    symbols = q.ravel() if width is None else pair_symbols(q, width)
+    if width is not None:
+        params["pair"] = width
+    head = PendingSection(name, encode_payload(b"", Codec.RAW), Kind.QUANTIZED, params)
+    sections = [
+        head,
+        PendingSection(part_name(name, "q"), symbol_payload(symbols), Kind.PART,
+                       {"dtype": "int32", "shape": [symbols.size]}),
+        codes_part("step", result.row_codes),
+    ]
+    if result.col_codes is not None:
+        sections.append(codes_part("colscale", result.col_codes))
+    return Encoded(name, f"quantized/{granularity}", sections, tensor.numel(), err)
+
+
+def _read_codes(reader: Reader, head: SectionInfo, part: str) -> np.ndarray:
+    codes = read_part(reader, head, part, dtype="int32")
+    lo, hi = STEP_CODE_RANGE
+    if codes.size and (int(codes.min()) < lo or int(codes.max()) > hi):
+        raise FormatError(f"{tensor_label(reader, head)}: step codes of {part_name(head.name, part)!r} "
+                          f"must lie in {lo}..{hi}")
+    return step_values(codes)
+
+
+def _view(shape: list[int]) -> tuple[int, int]:
+    """(rows, cols) of the 2-D view: rows = the first dimension (1 for a vector or scalar)."""
+    count = math.prod(shape)  # exact (the container capped the dense size)
+    rows = shape[0] if len(shape) >= 2 else 1
+    return rows, count // rows if rows else 0
+
+
+def check_quantized_head(head: SectionInfo, reader: Reader) -> None:
+    """Params of a ``QUANTIZED`` head (FORMAT.md §5.4), before any part is read."""
+    label, params = tensor_label(reader, head), head.params
+    granularity = params.get("granularity")
+    if granularity not in GRANULARITIES:
+        raise FormatError(f"{label}: params.granularity must be one of {GRANULARITIES}")
+    if "step_base" in params:  # absent in files whose #step holds float32 steps
+        base = params["step_base"]
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base) or base <= 0:
+            raise FormatError(f"{label}: params.step_base must be a positive finite number")
+    width = params.get("pair")
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width not in PAIR_WIDTHS):
+        raise FormatError(f"{label}: params.pair must be one of {list(PAIR_WIDTHS)}")
+    if granularity == "group":
+        group_size = params.get("group_size", 1)
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise FormatError(f"{label}: params.group_size must be an int, got {group_size!r}")
+        cols = _view(params["shape"])[1]
+        if group_size <= 0 or cols % group_size:
+            raise FormatError(f"{label}: group_size {group_size} does not divide {cols}")
+
+
+def decode_quantized(head: SectionInfo, reader: Reader) -> torch.Tensor:
+    check_quantized_head(head, reader)
+    label, shape, granularity = tensor_label(reader, head), head.params["shape"], head.params["granularity"]
+    rows, cols = _view(shape)
+    count = rows * cols
+    q_info = reader.info(part_name(head.name, "q")) if part_name(head.name, "q") in reader else None
+    if q_info is not None and q_info.kind == Kind.PART and q_info.params.get("dtype") == "int32" \
+            and q_info.codec in (Codec.ANS, Codec.RANGE):
+        q = read_symbols(reader, q_info.name)  # straight from the coder, no copy through bytes
+    else:
+        q = read_part(reader, head, "q", dtype="int32")
+    step_info = reader.info(part_name(head.name, "step")) if part_name(head.name, "step") in reader else None
+    if step_info is not None and step_info.params.get("dtype") == "float32":  # steps stored as floats
+        steps = read_part(reader, head, "step", dtype="float32").astype(np.float32)
+        if steps.size and not (np.isfinite(steps).all() and (steps > 0).all()):
+            raise FormatError(f"{label}: quantization steps must be finite and > 0")
+    else:  # step codes × step_base
+        if "step_base" not in head.params:
+            raise FormatError(f"{label}: params.step_base must be a positive finite number")
+        steps = _read_codes(reader, head, "step") * np.float32(head.params["step_base"])
+    width = head.params.get("pair")
+    if width is not None:
+        q = unpair_symbols(q, width, count, label)
+    if q.size != count:
+        raise FormatError(f"{label} has {q.size} indices for {count} weights")
+    group_size = head.params.get("group_size", 1) if granularity == "group" else 1
+    expected = {"tensor": (1, 1), "channel": (rows, 1), "rowcol": (rows, 1),
+                "group": (rows, cols // group_size)}[granularity]
+    if tuple(steps.shape) != expected:
+        raise FormatError(f"{label}: steps have shape {list(steps.shape)}, expected {list(expected)}")
+    if granularity == "rowcol":
+        col_scales = _read_codes(reader, head, "colscale")
+        if tuple(col_scales.shape) != (1, cols):
+            raise FormatError(f"{label}: column scales have shape {list(col_scales.shape)}, expected {[1, cols]}")
+        steps = (steps, col_scales)
+    w = dequantize(q.reshape(rows, cols), steps, granularity, group_size).reshape(shape)
+    return torch.from_numpy(np.ascontiguousarray(w)).reshape(shape).to(torch_dtype(head.params["dtype"]))
+
