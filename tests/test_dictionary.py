@@ -403,3 +403,31 @@ def test_lstm_gates_share_a_dictionary(tmp_path):
     print(f"LSTM gates: {coded / numel:.2f} bits/weight, errors "
           f"{[round(encoded[n].rel_error, 3) for n in gates]}, loss {base:.3f} -> {after:.3f}")
     assert after < base + 0.5, (base, after)
+
+
+def test_columns_are_summed_left_to_right_from_the_first_term():
+    """FORMAT.md §5.4: a column is Σ value·D̂[:, atom] in float64 in stored order. numpy's add.reduceat
+    (the decoder before) adds the rest of a column to its first term, which rounds differently when
+    terms cancel: a column −47, 47, −3·2⁻⁵⁰, 5·2⁻⁵⁰ must give 2⁻⁴⁹, not 2⁻⁴⁷."""
+    from ncz.models.dictionary.format import reconstruct
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        d, K, blocks, cols = (int(x) for x in rng.integers(1, 6, 4))
+        N = blocks * cols
+        D = (rng.standard_normal((d, K)) * 10.0 ** rng.integers(-6, 6, (d, K))).astype(np.float32)
+        counts = rng.integers(0, K + 1, N)
+        atoms = np.concatenate([np.sort(rng.choice(K, c, replace=False)) for c in counts]).astype(np.int64)
+        values = (rng.standard_normal(atoms.size) * 10.0 ** rng.integers(-6, 6, atoms.size)).astype(np.float32)
+        Wt, position = np.zeros((N, d)), 0
+        for c in range(N):
+            for j in range(counts[c]):
+                term = D[:, atoms[position]].astype(np.float64) * np.float64(values[position])
+                Wt[c] = term if j == 0 else Wt[c] + term
+                position += 1
+        want = Wt.T.reshape(d, blocks, cols).transpose(1, 0, 2).reshape(blocks * d, cols).astype(np.float32)
+        got = reconstruct(D, counts, atoms, values, blocks, cols, (blocks * d, cols))
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), trial
+    cancelling = reconstruct(np.ones((1, 4), np.float32), np.array([4]), np.arange(4),
+                             np.array([-47, 47, -3 * 2.0**-50, 5 * 2.0**-50], np.float32), 1, 1, (1, 1))
+    assert cancelling[0, 0] == np.float32(2.0**-49)

@@ -1,4 +1,8 @@
-"""Golden conformance vectors: never skipped. A change here means a version bump."""
+"""Golden conformance vectors: never skipped. A change here means a version bump.
+
+The container vectors pin FORMAT.md §4–§7; the vectors registered by the layers above
+(``make_vectors.PLUGINS``: every model-weight representation of §5.4 and a calibration
+file) also pin what their layer decodes them to, by sha256."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from tests.conftest import VECTORS
 
 make_vectors._load_plugins()
 NAMES = sorted(p.stem for p in VECTORS.glob("*.ncz"))
+LAYER_NAMES = sorted(make_vectors.DECODED)
 
 
 def test_every_registered_vector_is_committed():
@@ -54,3 +59,28 @@ def test_conditional_vector_streams_decode():
         for family in Family:
             model = entropy.ConditionalModel.from_mean_scale(family, means, scales)
             assert np.array_equal(entropy.read_conditional(reader, f"y-{family.name.lower()}", model), expected)
+
+
+def test_every_weight_representation_and_calibration_has_a_vector():
+    from ncz.models import registry
+
+    kinds = {int(k) for name in LAYER_NAMES for k in _head_kinds(VECTORS / f"{name}.ncz")}
+    assert kinds >= {int(k) for rep in registry.REPRESENTATIONS for k in rep.kinds}
+    assert "model-calibration" in LAYER_NAMES
+
+
+def _head_kinds(path) -> set[int]:
+    with nf.open(path) as reader:
+        return {info.kind for info in reader.sections if info.kind != nf.Kind.PART}
+
+
+@pytest.mark.parametrize("name", LAYER_NAMES)
+def test_layer_decodes_vector_to_committed_tensors(name):
+    """The library decodes each model vector to the tensors whose sha256 the JSON pins, and those
+    are the values FORMAT.md §5.4's formulas give (computed without the decoders)."""
+    from ncz.models import vectors
+
+    expected = json.loads((VECTORS / f"{name}.json").read_text())["decoded"]
+    decoded = make_vectors.DECODED[name]((VECTORS / f"{name}.ncz").read_bytes())
+    assert {key: hashlib.sha256(value).hexdigest() for key, value in decoded.items()} == expected
+    assert decoded == vectors.expected(name)

@@ -3,15 +3,21 @@
     python -m ncz.tools.make_vectors [--out tests/vectors] [--check]
 
 Each vector is a small .ncz file plus a JSON describing what it must decode to
-(section names, kinds, codecs, params, sha256 of the decoded bytes). The
-reference writer must reproduce the .ncz files byte for byte (``--check``); a
-changed vector means a format version bump (docs/FORMAT.md §8).
+(section names, kinds, codecs, params, sha256 of the decoded bytes; for the
+vectors of layers above the container also the sha256 of what that layer
+decodes the file to, e.g. the tensors of a model archive). The reference writer
+must reproduce the .ncz files byte for byte (``--check``); a changed vector
+means a format version bump (docs/FORMAT.md §8).
+
+Layers above ``ncz.format`` add their vectors through :data:`PLUGINS`: each
+module listed there has ``register_vectors(register)``.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import io
 import json
 import sys
@@ -23,7 +29,10 @@ import numpy as np
 from ncz.format import Codec, Kind, Writer, open_bytes
 from ncz.format.section_codecs import get_codec
 
-__all__ = ["VECTORS", "build", "describe", "main"]
+__all__ = ["VECTORS", "DECODED", "PLUGINS", "register", "build", "describe", "main"]
+
+# modules of layers above the container that register vectors (``register_vectors(register)``)
+PLUGINS = ("ncz.models.vectors",)
 
 
 def _empty(w: Writer) -> None:
@@ -97,9 +106,17 @@ VECTORS: dict[str, tuple[dict, Callable[[Writer], None]]] = {
 }
 
 
-def register(name: str, metadata: dict, fill: Callable[[Writer], None]) -> None:
-    """Let other layers (entropy coding, images, models) add their vectors."""
+# vector name -> what its layer decodes the file's bytes to: {object name: bytes}
+DECODED: dict[str, Callable[[bytes], dict[str, bytes]]] = {}
+
+
+def register(name: str, metadata: dict, fill: Callable[[Writer], None], *,
+             decoded: Callable[[bytes], dict[str, bytes]] | None = None) -> None:
+    """Let other layers (images, models) add their vectors; ``decoded(data)`` gives what
+    that layer decodes the file to, pinned by sha256 in the vector's JSON."""
     VECTORS[name] = (metadata, fill)
+    if decoded is not None:
+        DECODED[name] = decoded
 
 
 def build(name: str) -> bytes:
@@ -122,17 +139,28 @@ def describe(data: bytes, name: str) -> dict:
             "stored_length": info.stored_length, "decoded_length": info.decoded_length,
             "decoded_sha256": hashlib.sha256(decoded).hexdigest() if decoded is not None else None,
         })
-    return {
+    description = {
         "file_sha256": hashlib.sha256(data).hexdigest(),
         "file_length": len(data),
         "version": list(reader.version),
         "metadata_keys": sorted(reader.metadata),
         "sections": sections,
     }
+    if name in DECODED:
+        description["decoded"] = {key: hashlib.sha256(value).hexdigest()
+                                  for key, value in sorted(DECODED[name](data).items())}
+    return description
 
 
 def _load_plugins() -> None:
-    """Hook for layers above format (images, models) to register their vectors."""
+    """Let the layers above format (:data:`PLUGINS`) register their vectors; once."""
+    for module_name in PLUGINS:
+        if module_name not in _LOADED:
+            importlib.import_module(module_name).register_vectors(register)
+            _LOADED.add(module_name)
+
+
+_LOADED: set[str] = set()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,8 +34,8 @@ Parts (``<head>#<part>``):
   ``#step``: float32 ``[1, 1]``; value = ``float32(q) · step``.
 
 Integer parts are written with ANS; a reader takes any codec. The decoder sums
-each column's ``value · D̂[:, atom]`` terms in float64 in stored order, rounds
-to float32, then casts to ``dtype``. Everything is validated (indices < K, counts vs. lengths, shapes,
+each column's ``value · D̂[:, atom]`` terms in float64, left to right in stored
+order from the first term, rounds to float32, then casts to ``dtype``. Everything is validated (indices < K, counts vs. lengths, shapes,
 finite steps, dictionary references) and failures raise
 :class:`ncz.format.FormatError` naming the file and the tensor.
 """
@@ -81,20 +81,31 @@ def reconstruct(D_hat: np.ndarray, counts: np.ndarray, atoms: np.ndarray, values
                  blocks: int, cols: int, shape: Sequence[int]) -> np.ndarray:
     """float32 tensor D̂·Ĉ in the tensor's shape: the decoder's exact arithmetic.
 
-    Column c is Σ_j value_j · D̂[:, atom_j] over its own entries, summed in float64
-    in entry order (numpy's reduceat: no BLAS, so the same bits on every
-    machine), then rounded to float32. Cost: non-zeros × dim."""
+    Column c is Σ_j value_j · D̂[:, atom_j] over its own entries in float64, left to
+    right in stored order starting from the first term (a column without entries
+    is +0), then rounded to float32 (FORMAT.md §5.4). The loop runs over the entry
+    position, all columns at once: numpy's own reductions (``add.reduceat``) do
+    not add left to right, and their float32 results differed from the specified
+    order on cancelling terms. Cost: non-zeros × dim; memory: the dense float64 view."""
     d, K = D_hat.shape
     N = counts.size
     Wt = np.zeros((N, d))
     if atoms.size:
-        terms = D_hat.T.astype(np.float64)[atoms] * values.astype(np.float64)[:, None]  # nnz × d
-        used = np.nonzero(counts > 0)[0]
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[used]
-        Wt[used] = np.add.reduceat(terms, starts, axis=0)
+        atom_rows = D_hat.T.astype(np.float64)  # K × d
+        values64 = values.astype(np.float64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        by_count = np.argsort(-counts, kind="stable")  # the columns with more than k entries are a prefix
+        longer_than = N - np.cumsum(np.bincount(counts))  # [k]: how many columns have more than k entries
+        for k in range(longer_than.size - 1):
+            columns = by_count[:longer_than[k]]
+            entries = starts[columns] + k
+            term = atom_rows[atoms[entries]] * values64[entries, None]
+            if k == 0:
+                Wt[columns] = term
+            else:
+                Wt[columns] += term
     W = Wt.T.reshape(d, blocks, cols).transpose(1, 0, 2).reshape(blocks * d, cols)
     return W.astype(np.float32).reshape(shape)
-
 
 
 def delta_code(counts: np.ndarray, atoms: np.ndarray) -> np.ndarray:
