@@ -635,3 +635,42 @@ def test_two_process_gloo_training_matches_plain_ddp(tmp_path: Path) -> None:
     dense_one_step = 4 * (32 * 128 + 128 + 128 * 128 + 128 + 128 + 1)
     assert r["warmup_bytes"] == dense_one_step
     assert r["bytes_sent"] < dense_one_step * DDP_STEPS / 20
+
+
+# --------------------------------------------------------------------------
+# its place in the package and the error tree
+# --------------------------------------------------------------------------
+
+
+def test_adacomp_is_loaded_only_when_used() -> None:
+    """`import ncz.codec` (which loads ncz.models for its weights) and `import ncz.models` leave
+    AdaComp unloaded, and with it torch.distributed wherever `import torch` alone does not load it
+    (torch 2.13's does, so there only our modules can be checked); one of its names loads it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "before = 'torch.distributed' in sys.modules\n"
+        "import ncz.codec, ncz.models\n"
+        "ours = sorted(m for m in sys.modules if m.startswith('ncz.models.adacomp'))\n"
+        "assert not ours, ours\n"
+        "assert before or 'torch.distributed' not in sys.modules\n"
+        "from ncz.models import AdaCompWireError\n"
+        "assert 'ncz.models.adacomp' not in sys.modules  # an error class needs no torch.distributed\n"
+        "from ncz.models import register_adacomp\n"
+        "assert 'ncz.models.adacomp.hook' in sys.modules and 'torch.distributed' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_errors_are_in_the_ncz_tree() -> None:
+    assert issubclass(AdaCompWireError, FormatError) and issubclass(AdaCompWireError, ValueError)
+    with pytest.raises(NczError):
+        decode_message(b"\x07")
+    with pytest.raises(UsageError):
+        AdaCompCompressor().compress(torch.zeros(3), torch.zeros(4), 2)
+    import ncz.models
+
+    assert ncz.models.AdaCompWireError is AdaCompWireError

@@ -12,7 +12,7 @@ from torch import nn
 
 import ncz.format as nf
 from ncz.models import Recipe, describe, load_into, load_state_dict, pack
-from ncz.models.archive import ARCHIVE_TAG
+from ncz.models.archive import ARCHIVE_TAG, write_encoded
 from ncz.models.dictionary import (
     DictionaryLinear,
     encode_dictionary,
@@ -61,11 +61,7 @@ def _write(path, encoded) -> int:
     """What pack() writes for pre-encoded tensors; returns the file size."""
     with nf.Writer(path, metadata={"format": ARCHIVE_TAG, "tensors": len(encoded)}) as w:
         for e in encoded:
-            for index, section in enumerate(e.sections):
-                params = dict(section.params)
-                if index == 0:
-                    params["rel_error"] = float(e.rel_error)
-                w.add_encoded(section.name, section.payload, kind=section.kind, params=params)
+            write_encoded(w, e)
     return os.path.getsize(path)
 
 

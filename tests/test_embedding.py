@@ -61,7 +61,6 @@ def test_error_decreases_with_centroids_and_subspaces():
     assert _err(table, subspaces=4, centroids=16, stages=2) < 0.85 * by_k[1]
     # k-means is far better than codebooks of random rows at the same size
     books, _ = product_quantize(table, subspaces=4, centroids=16, iterations=0)
-
     random_err = float((reconstruct(books, assign_stages(table, books)) - table).norm() / table.norm())
     assert by_k[1] < 0.9 * random_err
 

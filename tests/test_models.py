@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ncz.format as nf
-from ncz.models import Recipe, describe, load_state_dict, open_checkpoint, pack, unpack
+from ncz.models import Recipe, describe, iter_tensors, load_state_dict, open_checkpoint, pack, unpack
 from ncz.models.quantized import quantize
 from ncz.tools.cli import main
 
@@ -60,7 +60,6 @@ def test_lossless_integers_and_empty(tmp_path):
 @given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=0, max_size=600),
        st.sampled_from(FLOATS))
 def test_lossless_property(values, dtype):
-    import io
     import tempfile
 
     tensor = torch.tensor(values, dtype=torch.float32).to(dtype)
@@ -68,7 +67,6 @@ def test_lossless_property(values, dtype):
         path = f"{tmp}/p.ncz"
         pack({"t": tensor}, path)
         assert _bits_equal(load_state_dict(path)["t"], tensor)
-    del io
 
 
 def test_lossless_beats_zstd_on_trained_like_weights(tmp_path):
@@ -212,3 +210,159 @@ def test_cli_pack_info_unpack(tmp_path, capsys):
     assert main(["pack", str(tmp_path / "c.pt"), "-o", str(tmp_path / "r.ncz"), "--recipe", str(recipe)]) == 0
     recipe.write_text('[[rule]]\npattern = "*"\nrepresentation = "magic"\n')
     assert main(["pack", str(tmp_path / "c.pt"), "-o", str(tmp_path / "r2.ncz"), "--recipe", str(recipe)]) == 1
+
+
+# --- the registry and the shape of the package ------------------------------------------------------
+
+
+def test_registry_lists_every_representation_once_with_its_head_kinds():
+    from ncz.format.layout import REPRESENTATION_HEADS
+    from ncz.models import registry
+
+    kinds = [int(k) for rep in registry.REPRESENTATIONS for k in rep.kinds]
+    assert len(kinds) == len(set(kinds))
+    assert set(kinds) == {int(nf.Kind.TENSOR)} | {int(k) for k in REPRESENTATION_HEADS}
+    assert registry.names() == sorted(rep.name for rep in registry.REPRESENTATIONS)
+    assert [rep.name for rep in registry.REPRESENTATIONS if rep.uses_calibration] == ["quantized"]
+    for rep in registry.REPRESENTATIONS:
+        assert registry.by_name(rep.name) is rep and all(registry.for_kind(k) is rep for k in rep.kinds)
+    with pytest.raises(nf.UsageError, match="unknown representation 'magic'"):
+        registry.by_name("magic")
+    with pytest.raises(nf.UsageError, match="unknown representation"):
+        Recipe.from_dict({"rule": [{"pattern": "*", "representation": "magic"}]})
+
+
+def test_a_representation_whose_head_the_container_does_not_check_is_refused():
+    """A head kind missing from the container's list would skip its dtype/shape check silently."""
+    from ncz.models.representation import Representation
+
+    with pytest.raises(nf.UsageError, match="not a representation head"):
+        Representation("image-as-tensor", (nf.Kind.IMAGE,), lambda *a: None, lambda *a: None, lambda *a: None)
+
+
+def _module_imports(path, package: str) -> list[tuple[str, bool]]:
+    """(imported ncz module, at module level?) for the imports of ``path`` that run (not those
+    under ``if TYPE_CHECKING:``), relative ones resolved against ``package``."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    typing_only = {id(inner) for node in tree.body if isinstance(node, ast.If)
+                   and getattr(node.test, "id", None) == "TYPE_CHECKING" for inner in ast.walk(node)}
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                stem = f"{base}.{node.module}" if node.module else base
+                names = [stem] if node.module else [f"{stem}.{alias.name}" for alias in node.names]
+            else:
+                names = [node.module or ""]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        found += [(name, id(node) in top) for name in names if name.startswith("ncz.")]
+    return found
+
+
+def test_models_imports_point_one_way_without_cycles():
+    """No module of ncz.models imports another inside a function (the package's lazy AdaComp names
+    aside, which use importlib), and the module graph has no cycle, counting the package
+    ``__init__`` that importing a submodule runs first: the archive and recipes depend on the
+    registry, the registry on the representations, never the reverse."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "models"
+    imports: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        module = ".".join(("ncz", "models") + (parts[:-1] if parts[-1] == "__init__" else parts))
+        package = module if parts[-1] == "__init__" else module.rpartition(".")[0]
+        found = _module_imports(path, package)
+        late = [name for name, top_level in found if not top_level]
+        assert not late, f"{module} imports {late} inside a function"
+        imports[module] = {name for name, _ in found if name.startswith("ncz.models")}
+
+    def ancestors(name: str) -> set[str]:
+        pieces = name.split(".")
+        return {".".join(pieces[:i]) for i in range(2, len(pieces))}
+
+    edges: dict[str, set[str]] = {}
+    for module, names in imports.items():
+        targets = {name if name in imports else name.rpartition(".")[0] for name in names}  # `from pkg import mod`
+        # importing a.b.c first runs the __init__ of every package above it that is not already running
+        edges[module] = {t for name in targets for t in ancestors(name) | {name}
+                         if t in imports and t != module and t not in ancestors(module)}
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        if state.get(module) == 1:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module):] + [module]))
+        if state.get(module) != 2:
+            state[module] = 1
+            for dep in sorted(edges[module]):
+                visit(dep, path + [module])
+            state[module] = 2
+
+    for module in sorted(edges):
+        visit(module, [])
+    above = {"ncz.models.archive", "ncz.models.registry", "ncz.models.calibration", "ncz.models.recipe",
+             "ncz.models.vectors"}
+    for module, deps in edges.items():
+        if module.split(".")[2:3] in (["lossless"], ["quantized"], ["lowrank"], ["dictionary"], ["codebook"], ["representation"]) \
+                and module != "ncz.models.lowrank.plan":  # a recipe for a whole model: above the registry
+            assert not deps & above, f"{module}, a representation, imports {sorted(deps & above)}"
+
+
+def test_recipes_read_toml_without_tomllib(tmp_path):
+    """Python 3.10 has no tomllib; recipe.py then imports tomli (pyproject requires it there).
+    Simulated: tomllib cannot be imported, and the module tomli is tomllib under another name."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "x"\n[[rule]]\npattern = "*"\nrepresentation = "quantized"\nbits = 3.0\n')
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[[rule]\n")
+    code = (
+        "import importlib, sys\n"
+        "sys.modules['tomli'] = importlib.import_module('tomllib')\n"
+        "del sys.modules['tomllib']\n"
+        "class NoTomllib:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'tomllib':\n"
+        "            raise ModuleNotFoundError(\"No module named 'tomllib'\", name=name)\n"
+        "sys.meta_path.insert(0, NoTomllib())\n"
+        "import ncz.format as nf\n"
+        "from ncz.models import Recipe, recipe\n"
+        "assert recipe.tomllib is sys.modules['tomli'] and 'tomllib' not in sys.modules\n"
+        f"r = Recipe.from_toml({str(recipe)!r})\n"
+        "assert (r.name, r.rules[0].representation, r.rules[0].options) == ('x', 'quantized', {'bits': 3.0})\n"
+        "try:\n"
+        f"    Recipe.from_toml({str(broken)!r})\n"
+        "except nf.InputError as exc:\n"
+        "    assert 'not a readable TOML recipe' in str(exc)\n"
+        "else:\n"
+        "    raise AssertionError('a broken recipe was accepted')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_head_is_checked_before_any_tensor_is_decoded(tmp_path):
+    """The registry's check_head runs over the whole table first: a bad head at the end stops
+    iter_tensors before it yields (or reads the parts of) the first tensor."""
+    path = tmp_path / "m.ncz"
+    pack({"a": torch.randn(64, 64), "b": torch.randn(64, 64)}, path, recipe="q8")
+    with nf.open(path) as reader, nf.Writer(tmp_path / "bad.ncz", metadata=reader.metadata) as w:
+        for info in reader.sections:
+            params = dict(info.params, granularity="diagonal") if info.name == "b" else info.params
+            w.add_stored(info.name, bytes(reader.stored(info.name)), decoded_length=info.decoded_length,
+                         kind=info.kind, codec=info.codec, params=params)
+    tensors = iter_tensors(tmp_path / "bad.ncz")
+    with pytest.raises(nf.FormatError, match="'b': params.granularity"):
+        next(tensors)
+    assert [row.name for row in describe(tmp_path / "bad.ncz")] == ["a", "b"]  # info still lists it
