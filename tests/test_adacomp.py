@@ -234,14 +234,14 @@ def test_conservation_nothing_is_lost(n: int, bin_len: int, steps: int, seed: in
 
 def test_compressor_rejects_bad_input() -> None:
     comp = AdaCompCompressor()
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="equal length"):
         comp.compress(torch.zeros(4), torch.zeros(5), 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="float32"):
         comp.compress(torch.zeros(4), torch.zeros(4, dtype=torch.float64), 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="bin_len"):
         comp.compress(torch.zeros(4), torch.zeros(4), 0)
     residue = torch.ones(3)
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(UsageError, match="non-finite"):
         comp.compress(torch.tensor([0.0, float("nan"), 1.0]), residue, 2)
     assert torch.equal(residue, torch.ones(3))  # untouched on error
     assert comp.compress(torch.zeros(0), torch.zeros(0), 5).nnz == 0
@@ -425,15 +425,15 @@ def test_mutated_messages_never_crash(sample: int, pos: int, value: int) -> None
 
 
 def test_sparse_message_validation() -> None:
-    with pytest.raises(ValueError):
-        _msg(10, [3, 3], [True, True], 1.0)  # not strictly increasing
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="strictly increasing"):
+        _msg(10, [3, 3], [True, True], 1.0)
+    with pytest.raises(UsageError, match="out of range"):
         _msg(10, [10], [True], 1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="differ in length"):
         _msg(10, [1, 2], [True], 1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="finite"):
         _msg(10, [1], [True], float("nan"))
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match="scale 0"):
         _msg(10, [], [], 1.0)
 
 
