@@ -366,3 +366,16 @@ def test_every_head_is_checked_before_any_tensor_is_decoded(tmp_path):
     with pytest.raises(nf.FormatError, match="'b': params.granularity"):
         next(tensors)
     assert [row.name for row in describe(tmp_path / "bad.ncz")] == ["a", "b"]  # info still lists it
+
+
+def test_models_subpackages_import_neither_codec_tools_nor_format_libraries():
+    """tests/test_exports.py checks models/*.py; the representation and AdaComp subpackages too."""
+    import ast
+    from pathlib import Path
+
+    banned = ("ncz.codec", "ncz.tools", "constriction", "zstandard", "msgpack")
+    for path in (Path(__file__).resolve().parents[1] / "models").rglob("*/*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            assert not [n for n in names if n.startswith(banned)], f"{path} imports {names}"
