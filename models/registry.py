@@ -1,10 +1,13 @@
 """The one list of weight representations, and lookups over it.
 
-Adding a representation: write its package (encoder, ``check_head``, decoder,
-optionally a compact module, and a :class:`~ncz.models.representation.Representation`
-record), add its record to :data:`REPRESENTATIONS` below, and specify its
-sections in docs/FORMAT.md §5.4. Nothing else changes: recipes, ``pack``,
-``load_state_dict``, ``load_into`` and ``describe`` find it here.
+Adding a representation: write its module or package (encoder, ``check_head``,
+decoder, optionally a compact module, and a
+:class:`~ncz.models.representation.Representation` record), add the record to
+:data:`REPRESENTATIONS` below, specify its sections in docs/FORMAT.md §5.4 and
+give it a golden vector in :mod:`ncz.models.vectors`. A new head kind also needs
+its id in ``ncz.format`` (``Kind``, ``layout.REPRESENTATION_HEADS``; a record
+whose kind the container does not check is refused). Recipes, ``pack``,
+``load_state_dict``, ``load_into`` and ``describe`` then find it here.
 
 Imports point one way: the archive and recipes depend on this module, this
 module on the representations, and the representations on nothing above them.
