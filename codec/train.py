@@ -228,6 +228,7 @@ class TrainConfig:
     log_every: int = 50
     eval_images: Tuple[str, ...] = ()
     ema_decay: float = 0.999       # exponential moving average of the weights (0 = off); exported by default
+    context_lr_scale: float = 10.0  # lr multiplier of a context model's parameters (see Trainer._param_groups)
     # model architecture (used when not resuming)
     N: int = 128
     M: int = 192
@@ -464,7 +465,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.autocast_dtype = torch.bfloat16 if cfg.bf16 else None
         self.model.train()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.optimizer = torch.optim.Adam(self._param_groups(), lr=cfg.lr)
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
         self.images = images if images is not None else load_image_folder(cfg.data_dir, min_size=cfg.crop)
@@ -480,6 +481,19 @@ class Trainer:
         self.ema_updates = 0
         if cfg.ema_decay:
             self.reset_ema()
+
+    def _param_groups(self) -> list[dict]:
+        """The transforms and priors at ``lr``; a context model at ``lr · context_lr_scale``.
+
+        Why: a context model added to a trained hyperprior starts from scratch while everything
+        else is far along; at the shared lr it learned too slowly to pay within thousands of steps.
+        """
+        context = [p for n, p in self.model.named_parameters() if n.startswith("context_model.")]
+        rest = [p for n, p in self.model.named_parameters() if not n.startswith("context_model.")]
+        groups = [{"params": rest, "lr_scale": 1.0}]
+        if context:
+            groups.append({"params": context, "lr_scale": self.cfg.context_lr_scale})
+        return groups
 
     # -- weight averaging -------------------------------------------------
 
@@ -551,7 +565,7 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         lr = self.lr_at(self.step)
         for grp in self.optimizer.param_groups:
-            grp["lr"] = lr
+            grp["lr"] = lr * grp.get("lr_scale", 1.0)
         lam = self._lam[levels].to(self.device)
         q = levels.to(self.device, torch.float32)
 
@@ -600,8 +614,12 @@ class Trainer:
         if mc != self.model_config:
             raise ValueError(f"checkpoint architecture {mc} != trainer's {self.model_config}")
         self.model.load_state_dict(state["model"])
-        if state.get("optimizer") is not None:  # absent after an architecture change: fresh Adam
-            self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = state.get("optimizer")
+        if optimizer is not None and len(optimizer["param_groups"]) == len(self.optimizer.param_groups):
+            self.optimizer.load_state_dict(optimizer)
+            for group, saved in zip(self.optimizer.param_groups, self._param_groups()):
+                group["lr_scale"] = saved["lr_scale"]  # the command line's, not the checkpoint's
+        # else: after an architecture change, or from before parameter groups: a fresh Adam
         self.step = int(state["step"])
         torch.set_rng_state(state["rng_torch"])
         if state.get("rng_cuda") is not None and torch.cuda.is_available():

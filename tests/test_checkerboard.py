@@ -120,3 +120,19 @@ def test_integer_context_tracks_the_float_one_and_bands_exactly(checkerboard_wei
     dense = runtime.int_context.dense(y_anchor[0].numpy(), mean[0].numpy(), raw[0].numpy())
     assert np.array_equal(dense[0][0][:, rest], d_mean[0][:, rest])
     assert np.array_equal(dense[1][0][:, rest], d_scale[0][:, rest])
+
+
+def test_context_trains_at_its_own_learning_rate(tmp_path):
+    from ncz.codec.train import Trainer, TrainConfig
+
+    images = [torch.from_numpy(_photo(96, 96, seed=s)).permute(2, 0, 1).contiguous() for s in range(2)]
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=10, batch_size=2, crop=64, lr=1e-4, warmup_steps=0, bf16=False,
+                      channels_last=False, ckpt_every=0, ckpt_seconds=1e9, keep_every=0, eval_every=0, log_every=0,
+                      context_lr_scale=10.0, **TINY)
+    trainer = Trainer(cfg, model_config=CodecConfig(arch=CHECKERBOARD_ARCH, **TINY), images=images, eval_images=[])
+    trainer.train_step()
+    rates = sorted(group["lr"] for group in trainer.optimizer.param_groups)
+    assert rates == [1e-4, pytest.approx(1e-3)]
+    context_ids = {id(p) for p in trainer.model.context_model.parameters()}
+    fast = [g for g in trainer.optimizer.param_groups if g["lr_scale"] == 10.0][0]
+    assert {id(p) for p in fast["params"]} == context_ids

@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this invocation")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay,
                    help="decay of the moving average of the weights that evaluation reports and export ships (0 = off)")
+    p.add_argument("--context-lr-scale", type=float, default=d.context_lr_scale,
+                   help="lr multiplier of the checkerboard context's parameters (it starts from scratch)")
     p.add_argument("--eval-at-start", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
@@ -124,6 +126,7 @@ def main(argv=None) -> int:
         ckpt_every=args.ckpt_every, ckpt_seconds=args.ckpt_minutes * 60, keep_every=args.keep_every,
         eval_every=args.eval_every, log_every=args.log_every, eval_images=tuple(args.eval_images),
         N=args.N, M=args.M, lambdas=tuple(args.lambdas), ema_decay=args.ema_decay,
+        context_lr_scale=args.context_lr_scale,
     )
     if not 0.0 <= cfg.ema_decay < 1.0:
         print("error: --ema-decay must be in [0, 1)", file=sys.stderr)
