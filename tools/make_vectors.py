@@ -9,6 +9,11 @@ decodes the file to, e.g. the tensors of a model archive). The reference writer
 must reproduce the .ncz files byte for byte (``--check``); a changed vector
 means a format version bump (docs/FORMAT.md §8).
 
+Some vectors are *built once*: their bytes come from float32 networks (the image
+codec's encoder), so the writer cannot reproduce them on every machine. They are
+written only when absent (delete one to rebuild it, with a version bump), and
+``--check`` decodes them against their JSON instead of rebuilding them.
+
 Layers above ``ncz.format`` add their vectors through :data:`PLUGINS`: each
 module listed there has ``register_vectors(register)``.
 """
@@ -29,10 +34,11 @@ import numpy as np
 from ncz.format import Codec, Kind, Writer, open_bytes
 from ncz.format.section_codecs import get_codec
 
-__all__ = ["VECTORS", "DECODED", "PLUGINS", "register", "build", "describe", "main"]
+__all__ = ["VECTORS", "DECODED", "BUILT_ONCE", "PLUGINS", "register", "build", "build_once", "decode_layer",
+           "describe", "main"]
 
 # modules of layers above the container that register vectors (``register_vectors(register)``)
-PLUGINS = ("ncz.models.vectors",)
+PLUGINS = ("ncz.models.vectors", "ncz.codec.vectors")
 
 
 def _empty(w: Writer) -> None:
@@ -107,19 +113,32 @@ VECTORS: dict[str, tuple[dict, Callable[[Writer], None]]] = {
 
 
 # vector name -> what its layer decodes the file's bytes to: {object name: bytes}
-DECODED: dict[str, Callable[[bytes], dict[str, bytes]]] = {}
+DECODED: dict[str, Callable[..., dict[str, bytes]]] = {}
+# vector name -> why the writer cannot reproduce it (built once, then only decoded)
+BUILT_ONCE: dict[str, str] = {}
 
 
-def register(name: str, metadata: dict, fill: Callable[[Writer], None], *,
-             decoded: Callable[[bytes], dict[str, bytes]] | None = None) -> None:
+def register(name: str, metadata: dict | None, fill: Callable, *, decoded: Callable[..., dict[str, bytes]] | None = None,
+             built_once: str | None = None) -> None:
     """Let other layers (images, models) add their vectors; ``decoded(data)`` gives what
-    that layer decodes the file to, pinned by sha256 in the vector's JSON."""
-    VECTORS[name] = (metadata, fill)
+    that layer decodes the file to, pinned by sha256 in the vector's JSON.
+
+    ``built_once`` (the reason) marks a vector the writer cannot reproduce on every machine:
+    then ``fill(folder)`` returns its files as {suffix: bytes} (``.ncz`` and companions, e.g. a
+    PNG of the expected pixels), reading committed vectors from ``folder`` where it needs them
+    (weights), ``metadata`` is None and ``decoded(data, folder)`` takes the folder too.
+    """
+    VECTORS[name] = (metadata or {}, fill)
     if decoded is not None:
         DECODED[name] = decoded
+    if built_once is not None:
+        BUILT_ONCE[name] = built_once
 
 
 def build(name: str) -> bytes:
+    """The bytes the reference writer produces for vector ``name`` (not for built-once vectors)."""
+    if name in BUILT_ONCE:
+        raise ValueError(f"vector {name!r} is built once, not reproduced: {BUILT_ONCE[name]}")
     metadata, fill = VECTORS[name]
     buffer = io.BytesIO()
     with Writer(buffer, metadata=metadata) as writer:
@@ -127,8 +146,18 @@ def build(name: str) -> bytes:
     return buffer.getvalue()
 
 
-def describe(data: bytes, name: str) -> dict:
-    """What a conforming reader must see in ``data``."""
+def build_once(name: str, folder: Path) -> dict[str, bytes]:
+    """The files of built-once vector ``name`` ({suffix: bytes}), from the vectors already in ``folder``."""
+    return VECTORS[name][1](folder)
+
+
+def decode_layer(name: str, data: bytes, folder: Path) -> dict[str, bytes]:
+    """What the layer above the container decodes vector ``name`` to ({object name: bytes})."""
+    return DECODED[name](data, folder) if name in BUILT_ONCE else DECODED[name](data)
+
+
+def describe(data: bytes, name: str, folder: Path = Path("tests/vectors")) -> dict:
+    """What a conforming reader must see in ``data`` (``folder``: where built-once vectors find theirs)."""
     reader = open_bytes(data, name=name)
     sections = []
     for info in reader.sections:
@@ -148,7 +177,7 @@ def describe(data: bytes, name: str) -> dict:
     }
     if name in DECODED:
         description["decoded"] = {key: hashlib.sha256(value).hexdigest()
-                                  for key, value in sorted(DECODED[name](data).items())}
+                                  for key, value in sorted(decode_layer(name, data, folder).items())}
     return description
 
 
@@ -171,20 +200,49 @@ def main(argv: list[str] | None = None) -> int:
     _load_plugins()
     args.out.mkdir(parents=True, exist_ok=True)
     status = 0
-    for name in sorted(VECTORS):
-        data = build(name)
-        description = json.dumps(describe(data, name), indent=2, sort_keys=True) + "\n"
+    for name in VECTORS:  # registration order: a built-once vector may read those before it
         path = args.out / f"{name}.ncz"
+        if name in BUILT_ONCE:
+            status |= _built_once(name, path, args.check)
+            continue
+        data = build(name)
         if args.check:
-            same = path.exists() and path.read_bytes() == data
-            if not same:
+            if not (path.exists() and path.read_bytes() == data):
                 print(f"{path}: differs from the reference writer", file=sys.stderr)
                 status = 1
         else:
-            path.write_bytes(data)
-            (args.out / f"{name}.json").write_text(description)
-            print(f"{path}: {len(data)} bytes")
+            _write(path, {".ncz": data, ".json": _json(describe(data, name, args.out))})
     return status
+
+
+def _json(description: dict) -> bytes:
+    return (json.dumps(description, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _write(path: Path, files: dict[str, bytes]) -> None:
+    for suffix, content in files.items():
+        path.with_suffix(suffix).write_bytes(content)
+    print(f"{path}: {path.stat().st_size} bytes")
+
+
+def _built_once(name: str, path: Path, check: bool) -> int:
+    """Check mode: decode the committed file against its JSON. Write mode: build it only when absent."""
+    if check:
+        if not path.exists():
+            print(f"{path}: missing", file=sys.stderr)
+            return 1
+        print(f"{path}: not rebuilt ({BUILT_ONCE[name]}); checking its decoding", file=sys.stderr)
+        json_path = path.with_suffix(".json")
+        if not json_path.exists() or _json(describe(path.read_bytes(), name, path.parent)) != json_path.read_bytes():
+            print(f"{path}: does not decode to {json_path.name}", file=sys.stderr)
+            return 1
+        return 0
+    if path.exists():
+        print(f"{path}: kept (built once: {BUILT_ONCE[name]})")
+        return 0
+    files = build_once(name, path.parent)
+    _write(path, {**files, ".json": _json(describe(files[".ncz"], name, path.parent))})
+    return 0
 
 
 if __name__ == "__main__":
