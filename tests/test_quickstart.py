@@ -30,8 +30,10 @@ def test_quickstart_main_job(tmp_path, capsys, monkeypatch):
     assert "PSNR" in out and "bits/weight" in out
     assert len(out.splitlines()) < 15  # a summary, not the per-tensor table
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    decoded = np.asarray(Image.open(tmp_path / "out" / "kodim23.png"))
-    assert decoded.shape == np.asarray(Image.open(quickstart.sample_image())).shape
+    decoded = np.asarray(Image.open(tmp_path / "out" / "kodim23.png"), dtype=np.float64)
+    original = np.asarray(Image.open(quickstart.sample_image()), dtype=np.float64)
+    assert decoded.shape == original.shape
+    assert f"PSNR {10 * np.log10(255.0 ** 2 / np.mean((original - decoded) ** 2)):.2f} dB" in out
 
 
 def test_quickstart_missing_image_is_one_line(tmp_path, capsys):

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ncz.codec.train import psnr as psnr_of_mse  # the one PSNR, the one training and evaluation report
+
 from .cli import main as ncz
 
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     a = np.asarray(Image.open(image).convert("RGB"), dtype=np.float64)
     b = np.asarray(Image.open(decoded).convert("RGB"), dtype=np.float64)
-    psnr = 10 * np.log10(255.0**2 / max(float(((a - b) ** 2).mean()), 1e-12))
+    psnr = psnr_of_mse(float(((a - b) ** 2).mean()), peak=255.0)
     image_line = (f"image: {image.name} {a.shape[1]}x{a.shape[0]} -> {coded.stat().st_size:,} bytes, "
                   f"{8 * coded.stat().st_size / (a.shape[0] * a.shape[1]):.3f} bpp, PSNR {psnr:.2f} dB")
 
