@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .networks import CodecConfig, HyperpriorCodec, ste_round
 
-__all__ = ["CheckerboardContext", "CheckerboardCodec", "anchor_mask", "CHECKERBOARD_ARCH"]
+__all__ = ["CheckerboardContext", "CheckerboardCodec", "ContextSurrogate", "anchor_mask", "CHECKERBOARD_ARCH"]
 
 CHECKERBOARD_ARCH = "checkerboard-hyperprior+gain/v1"
 
@@ -133,3 +133,40 @@ class CheckerboardCodec(HyperpriorCodec):
         lik_y = self.y_likelihood(y_rate, mean, raw_scale)
         x_hat = self.synthesis(y_hat, quality)
         return x_hat, {"y": lik_y, "z": lik_z}
+
+
+class ContextSurrogate(nn.Module):
+    """Differentiable stand-in for the integer context (:class:`~ncz.codec.integer.IntegerContext`).
+
+    The same integer weights times their scales, with the requantizations replaced by divisions
+    (the coder rounds there; the surrogate stays smooth), so encoder-side optimization (SGA) sees
+    the context the coder will use, up to the activation steps. Returns ``(Δμ, Δσ_raw)`` at every
+    position; the caller applies them to non-anchors.
+    """
+
+    def __init__(self, integer_context):
+        super().__init__()
+        from .integer import LEAKY_SLOPE
+
+        self.slope = LEAKY_SLOPE
+        self.steps = integer_context.steps
+        ctx = integer_context.context
+        as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32)  # noqa: E731
+        self.layers = [(ctx, as_tensor(ctx.weight), as_tensor(ctx.scale)[None, :, None, None],
+                        as_tensor(ctx.bias)[None, :, None, None])]
+        self.layers += [(layer, as_tensor(layer.weight), as_tensor(layer.scale)[None, :, None, None],
+                         as_tensor(layer.bias)[None, :, None, None]) for layer in integer_context.params]
+
+    def forward(self, y_anchor_hat: Tensor, mean: Tensor, raw_scale: Tensor) -> Tuple[Tensor, Tensor]:
+        y_step, mean_step, scale_step = self.steps
+        a = y_anchor_hat / y_step
+        for index, (layer, weight, scale, bias) in enumerate(self.layers):
+            a = F.conv2d(a, weight, padding=layer.padding) * scale + bias
+            if layer.leaky:
+                a = F.leaky_relu(a, self.slope)
+            if layer.out_step > 0:
+                a = a / layer.out_step
+            if index == 0:  # after the masked convolution: the hyperprior's parameters join
+                a = torch.cat([a, mean / mean_step, raw_scale / scale_step], dim=1)
+        d_scale, d_mean = a.chunk(2, dim=1)
+        return d_mean, d_scale

@@ -123,7 +123,7 @@ def test_integer_context_tracks_the_float_one_and_bands_exactly(checkerboard_wei
 
 
 def test_context_trains_at_its_own_learning_rate(tmp_path):
-    from ncz.codec.train import Trainer, TrainConfig
+    from ncz.codec.train import TrainConfig, Trainer
 
     images = [torch.from_numpy(_photo(96, 96, seed=s)).permute(2, 0, 1).contiguous() for s in range(2)]
     cfg = TrainConfig(out_dir=str(tmp_path), steps=10, batch_size=2, crop=64, lr=1e-4, warmup_steps=0, bf16=False,
@@ -136,3 +136,23 @@ def test_context_trains_at_its_own_learning_rate(tmp_path):
     context_ids = {id(p) for p in trainer.model.context_model.parameters()}
     fast = [g for g in trainer.optimizer.param_groups if g["lr_scale"] == 10.0][0]
     assert {id(p) for p in fast["params"]} == context_ids
+
+
+def test_context_surrogate_tracks_the_integer_context(checkerboard_weights):
+    """SGA differentiates through the surrogate: it must agree with what the coder computes."""
+    from ncz.codec.context import ContextSurrogate
+
+    path, net = checkerboard_weights
+    runtime = load_codec(path)
+    torch.manual_seed(5)
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        y = net.analysis(x, 2.0).double()
+        mean, raw = (torch.from_numpy(v) for v in runtime.int_hs(torch.round(net.hyper_analysis(y.float()))[0]))
+        y_anchor = (torch.round(y - mean) + mean) * anchor_mask(*y.shape[-2:]).double()
+        approx = ContextSurrogate(runtime.int_context)(y_anchor.float(), mean.float(), raw.float())
+    exact = runtime.int_context(y_anchor.numpy(), mean.numpy(), raw.numpy())
+    rest = ~anchor_mask(*y.shape[-2:]).numpy()[0, 0].astype(bool)
+    for e, a in zip(exact, approx):
+        e, a = e[0][:, rest], a.numpy()[0][:, rest]
+        assert np.abs(e - a).max() < 0.02 * max(np.abs(e).max(), 1e-3)
