@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 import time
 import types
@@ -50,7 +49,7 @@ def load_compressai_ans():
     saved = sys.modules.get("compressai")
     sys.modules["compressai"] = pkg
     try:
-        import compressai.ans as ans  # noqa: PLC0415
+        import compressai.ans as ans
         return ans
     except ImportError:
         return None
@@ -129,10 +128,14 @@ def bench_size(n, repeat, ans_mod):
     rows = []
     cond, t_model = best(lambda: E.ConditionalModel.from_mean_scale(Family.GAUSSIAN, means, scales), repeat)
     info = E.information(latents, cond)
+
+    def conditional() -> E.ConditionalModel:
+        return E.ConditionalModel.from_mean_scale(Family.GAUSSIAN, means, scales)
+
     for coder in (E.Coder.ANS, E.Coder.RANGE):
         # the model (grid quantization) is part of both encode and decode time
-        stream, te = best(lambda: E.encode(latents, E.ConditionalModel.from_mean_scale(Family.GAUSSIAN, means, scales), coder), repeat)
-        out, td = best(lambda: E.decode(stream, E.ConditionalModel.from_mean_scale(Family.GAUSSIAN, means, scales), coder=coder), repeat)
+        stream, te = best(lambda: E.encode(latents, conditional(), coder), repeat)
+        out, td = best(lambda: E.decode(stream, conditional(), coder=coder), repeat)
         rows.append(row(f"ncz_{coder.value}", n, len(stream), te, td, info, np.array_equal(out, latents)))
     qg = constriction.stream.model.QuantizedGaussian(-(2**15), 2**15)
     m32, s32 = means.astype(np.float64), scales.astype(np.float64)
@@ -144,7 +147,8 @@ def bench_size(n, repeat, ans_mod):
 
     words, te = best(q_enc, repeat)
     out, td = best(lambda: constriction.stream.stack.AnsCoder(words).decode(qg, m32, s32), repeat)
-    rows.append(row("constriction_quantized_gaussian_direct", n, words.nbytes, te, td, info, np.array_equal(out, latents)))
+    rows.append(row("constriction_quantized_gaussian_direct", n, words.nbytes, te, td, info,
+                    np.array_equal(out, latents)))
     if ans_mod is not None:
         grid = GRID_V1[Family.GAUSSIAN]
         cdfs = [to_cdf16(grid.table(t).freqs) for t in range(grid.num_tables)]
@@ -154,7 +158,8 @@ def bench_size(n, repeat, ans_mod):
         def ca_enc():
             m = E.ConditionalModel.from_mean_scale(Family.GAUSSIAN, means, scales)
             rel = latents.astype(np.int64) - m.offsets
-            return ans_mod.RansEncoder().encode_with_indexes(rel.tolist(), m.table_ids.tolist(), cdfs, lengths, offs), m, rel
+            data = ans_mod.RansEncoder().encode_with_indexes(rel.tolist(), m.table_ids.tolist(), cdfs, lengths, offs)
+            return data, m, rel
 
         (data, m, rel), te = best(ca_enc, repeat)
 

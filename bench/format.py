@@ -20,9 +20,8 @@ import json
 import os
 import tempfile
 import time
-from pathlib import Path
-
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -106,14 +105,16 @@ def main() -> None:
         }
         results["throughput"] = rows
         # the comparison that matters: every byte read, ncz also verifying checksums
-        results["raw_read_vs_safetensors"] = rows["ncz_raw"]["read_MBps_all_bytes"] / rows["safetensors"]["read_MBps_all_bytes"]
-        results["raw_lazy_open_vs_safetensors"] = rows["ncz_raw"]["open_MBps_lazy"] / rows["safetensors"]["open_MBps_lazy"]
+        ncz_raw, safetensors = rows["ncz_raw"], rows["safetensors"]
+        results["raw_read_vs_safetensors"] = ncz_raw["read_MBps_all_bytes"] / safetensors["read_MBps_all_bytes"]
+        results["raw_lazy_open_vs_safetensors"] = ncz_raw["open_MBps_lazy"] / safetensors["open_MBps_lazy"]
 
     def size_of(count: int, payload: int) -> int:
         buffer = io.BytesIO()
         with nf.Writer(buffer) as writer:
             for i in range(count):
-                writer.add(f"t{i:04d}", bytes(payload), kind=nf.Kind.TENSOR, params={"dtype": "uint8", "shape": [payload]})
+                writer.add(f"t{i:04d}", bytes(payload), kind=nf.Kind.TENSOR,
+                           params={"dtype": "uint8", "shape": [payload]})
         return len(buffer.getvalue())
 
     empty = size_of(0, 0)

@@ -83,8 +83,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CLINC = REPO.parent / "shared" / "data" / "nlu" / "clinc150" / "data_full.json"
@@ -629,12 +629,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return derivation
     count = 200 if args.quick else args.sentences
 
-    from ncz.models import Recipe
     from safetensors import safe_open
+
+    from ncz.models import Recipe
 
     model, tokenizer, source = load_minilm()
     with safe_open(str(source), framework="pt") as handle:
-        shapes = {k: handle.get_slice(k).get_shape() for k in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        shapes = {k: handle.get_slice(k).get_shape() for k in handle.keys()}  # safe_open has no __iter__
     numel = sum(math.prod(s) for s in shapes.values())
     dense_bytes = source.stat().st_size
     sentences = clinc_sentences(count)

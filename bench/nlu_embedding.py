@@ -194,7 +194,7 @@ def main() -> None:
     stream = batches(*data["train"], args.batch, seed=0)
     steps_per_epoch = len(data["train"][0]) // args.batch
     curve = []
-    for epoch in range(args.epochs):
+    for _ in range(args.epochs):
         model.train()
         for _ in range(steps_per_epoch):
             loss = loss_fn(model, next(stream))

@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         for label in runs[0]
     }
-    summary["penalty_helps"] = (summary["penalty"]["accuracy_truncated"] > summary["plain"]["accuracy_truncated"]
-                                and summary["penalty"]["truncation_rel_error"] < summary["plain"]["truncation_rel_error"])
+    penalty, plain = summary["penalty"], summary["plain"]
+    summary["penalty_helps"] = (penalty["accuracy_truncated"] > plain["accuracy_truncated"]
+                                and penalty["truncation_rel_error"] < plain["truncation_rel_error"])
     output = {
         "benchmark": "stable_rank",
         "task": "sklearn digits, MLP 64-256-256-10, hidden layers truncated",

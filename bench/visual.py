@@ -48,7 +48,6 @@ def _pillow(image: Image.Image, fmt: str, **options):
 
 
 def compare(path: Path, quality: float, crop: int, zoom: int, out: Path) -> dict:
-    import ncz.codec  # registers the NCZ Pillow plugin
 
     original = Image.open(path).convert("RGB")
     ref = np.asarray(original)

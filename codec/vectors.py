@@ -76,7 +76,7 @@ def _calibration() -> list[torch.Tensor]:
 def _trained_hyperprior() -> HyperpriorCodec:
     """60 steps at lr 5e-3 on four synthetic photos: a wide amortization gap, as in any briefly
     trained codec (tests/test_codec.py's SGA tests rely on that)."""
-    from .train import Trainer, TrainConfig
+    from .train import TrainConfig, Trainer
 
     with tempfile.TemporaryDirectory() as folder:
         cfg = TrainConfig(out_dir=folder, steps=100, batch_size=4, crop=64, lr=5e-3, warmup_steps=0, bf16=False,

@@ -15,6 +15,7 @@ docs/FORMAT.md is the normative byte layout; the names below map onto it:
 The exception tree is drawn in :mod:`ncz.format.errors`.
 """
 
+from . import entropy  # registers the RANGE and ANS section codecs
 from .container import (
     ALIGNMENT,
     MAGIC,
@@ -29,7 +30,6 @@ from .container import (
     open,
     open_bytes,
 )
-from . import entropy  # registers the RANGE and ANS section codecs
 from .entropy import BitsBackStack, CategoricalModel, Coder, ConditionalModel, ModelId
 from .entropy_tables import Family, FrequencyTable, ParametricGrid
 from .enums import Codec, Kind, SectionFlag

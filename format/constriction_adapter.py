@@ -133,7 +133,8 @@ class GroupDecoder:
         else:
             done = self._dec.is_empty()
         if not done:
-            raise StreamError(f"{self.where}: {self.coder.value} stream has data left after the last symbol (corrupt or padded)")
+            raise StreamError(f"{self.where}: {self.coder.value} stream has data left after the last symbol "
+                              "(corrupt or padded)")
 
 
 class AnsStack:

@@ -18,7 +18,7 @@ length, and checks each payload's xxh3-64 before it hands bytes out.
 
 from __future__ import annotations
 
-import io
+import builtins
 import mmap
 import os
 from collections.abc import Iterator
@@ -55,8 +55,8 @@ from .layout import (  # noqa: F401 - re-exported: the container's names live he
     check_params,
     known_kind,
 )
-from .section_codecs import get_codec
-from .writer import EncodedPayload, Writer, atomic_write, encode_payload  # noqa: F401 - re-exported
+from .section_codecs import get_codec, require_codec
+from .writer import EncodedPayload, Writer, atomic_write, encode_payload  # re-exported (__all__)
 
 __all__ = [
     "MAGIC",
@@ -112,7 +112,8 @@ class Reader:
     def _parse(self) -> None:
         size = len(self._view)
         if size < PRELUDE.size:
-            raise TruncatedError(self._err(f"file is {size} bytes; an .ncz file has at least {PRELUDE.size + FOOTER.size}"))
+            raise TruncatedError(self._err(f"file is {size} bytes; an .ncz file has at least "
+                                           f"{PRELUDE.size + FOOTER.size}"))
         magic, major, minor, header_length, header_sum = PRELUDE.unpack_from(self._view, 0)
         if magic != MAGIC:
             raise FormatError(self._err(f"prelude.magic is {magic!r}, expected {MAGIC!r} (not an .ncz file)"))
@@ -120,10 +121,12 @@ class Reader:
             raise VersionError(self._err(f"prelude.major is {major}; this reader implements major {VERSION[0]}"))
         self.version = (major, minor)
         if header_length > self.limits.max_header_bytes:
-            raise LimitError(self._err(f"prelude.header_length {header_length} exceeds the limit {self.limits.max_header_bytes}"))
+            raise LimitError(self._err(f"prelude.header_length {header_length} exceeds the limit "
+                                       f"{self.limits.max_header_bytes}"))
         header_end = PRELUDE.size + header_length
         if header_end + FOOTER.size > size:
-            raise TruncatedError(self._err(f"prelude.header_length {header_length} runs past the end of the {size}-byte file"))
+            raise TruncatedError(self._err(f"prelude.header_length {header_length} runs past the end of the "
+                                           f"{size}-byte file"))
         self._header_end = header_end
         header = self._view[PRELUDE.size:header_end]
         if xxh3_64(bytes(self._view[:PRELUDE_COVERED]) + bytes(header)) != header_sum:
@@ -136,9 +139,11 @@ class Reader:
 
         table_offset, table_length, table_sum, footer_magic = FOOTER.unpack_from(self._view, size - FOOTER.size)
         if footer_magic != FOOTER_MAGIC:
-            raise TruncatedError(self._err(f"footer.magic is {footer_magic!r}, expected {FOOTER_MAGIC!r} (truncated or not closed)"))
+            raise TruncatedError(self._err(f"footer.magic is {footer_magic!r}, expected {FOOTER_MAGIC!r} "
+                                           "(truncated or not closed)"))
         if table_length > self.limits.max_table_bytes:
-            raise LimitError(self._err(f"footer.table_length {table_length} exceeds the limit {self.limits.max_table_bytes}"))
+            raise LimitError(self._err(f"footer.table_length {table_length} exceeds the limit "
+                                       f"{self.limits.max_table_bytes}"))
         if table_offset + table_length != size - FOOTER.size or table_offset < header_end:
             raise FormatError(self._err(
                 f"footer.table_offset {table_offset} + table_length {table_length} must end at {size - FOOTER.size}"
@@ -152,7 +157,8 @@ class Reader:
         if not isinstance(table, list):
             raise FormatError(self._err("section table must be a msgpack array"))
         if len(table) > self.limits.max_sections:
-            raise LimitError(self._err(f"section table has {len(table)} entries; the limit is {self.limits.max_sections}"))
+            raise LimitError(self._err(f"section table has {len(table)} entries; the limit is "
+                                       f"{self.limits.max_sections}"))
 
         sections: dict[str, SectionInfo] = {}
         position = header_end
@@ -163,7 +169,8 @@ class Reader:
                 raise FormatError(self._err(f"section[{index}].name {info.name!r} is not unique"))
             expected = align(position, info.flags)
             if info.offset != expected:
-                raise FormatError(f"{where}: offset is {info.offset}, expected {expected} (sections are packed in table order)")
+                raise FormatError(f"{where}: offset is {info.offset}, expected {expected} "
+                                  "(sections are packed in table order)")
             end = info.offset + info.stored_length
             if end > table_offset:
                 raise FormatError(f"{where}: stored_length {info.stored_length} runs into the section table")
@@ -174,14 +181,16 @@ class Reader:
             if not info.known:
                 if info.critical:
                     what = f"kind {info.kind}" if not known_kind(info.kind) else f"codec {info.codec}"
-                    raise UnsupportedError(f"{where}: critical section uses unknown {what}; upgrade ncz to read this file")
+                    raise UnsupportedError(f"{where}: critical section uses unknown {what}; "
+                                           "upgrade ncz to read this file")
             else:
-                get_codec(info.codec).check_lengths(info.stored_length, info.decoded_length, where)
+                require_codec(info.codec).check_lengths(info.stored_length, info.decoded_length, where)
                 check_params(info.kind, info.params, info.decoded_length, where, self.limits)
             sections[info.name] = info
             position = end
         if position != table_offset:
-            raise FormatError(self._err(f"{table_offset - position} unaccounted bytes before the section table (expected it at {position})"))
+            raise FormatError(self._err(f"{table_offset - position} unaccounted bytes before the section table "
+                                        f"(expected it at {position})"))
         self._sections = sections
 
     def _parse_entry(self, index: int, entry: Any) -> SectionInfo:
@@ -280,7 +289,8 @@ class Reader:
         for info in self._sections.values():
             gap = self._view[position:info.offset]
             if any(gap):
-                raise FormatError(self._err(f"section {info.name!r}: alignment padding before offset {info.offset} is not zero"))
+                raise FormatError(self._err(f"section {info.name!r}: alignment padding before offset {info.offset} "
+                                            "is not zero"))
             self.stored(info.name)
             if decode and info.known:
                 spec = get_codec(info.codec)
@@ -299,18 +309,18 @@ class Reader:
             self._owner.close()
             self._owner = None
 
-    def __enter__(self) -> "Reader":
+    def __enter__(self) -> Reader:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
 
-def open(path: str | os.PathLike[str], *, limits: Limits | None = None) -> Reader:  # noqa: A001
+def open(path: str | os.PathLike[str], *, limits: Limits | None = None) -> Reader:  # nf.open: shadows the builtin
     """Open and validate an .ncz file (memory-mapped; payloads read on demand)."""
     display = os.fspath(path)
     try:
-        handle = io.open(display, "rb")
+        handle = builtins.open(display, "rb")
     except OSError as exc:
         raise NczError(f"{display}: cannot open ({exc.strerror or exc})") from exc
     try:

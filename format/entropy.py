@@ -33,7 +33,7 @@ import enum
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -111,7 +111,7 @@ class CategoricalModel:
     table: FrequencyTable
 
     @classmethod
-    def fit(cls, symbols: np.ndarray, *, max_symbols: int = 4096) -> "CategoricalModel":
+    def fit(cls, symbols: np.ndarray, *, max_symbols: int = 4096) -> CategoricalModel:
         """The empirical mode: fit a table (with escape) to ``symbols``."""
         return cls(fit_table(np.asarray(symbols), max_symbols=max_symbols))
 
@@ -123,7 +123,10 @@ class _PerSymbolTables:
     """Shared by models that pick a table per symbol: the size and the cached layout."""
 
     table_ids: np.ndarray
-    _layout: _Layout
+
+    @property
+    def _layout(self) -> _Layout:  # each model caches its own
+        raise NotImplementedError
 
     @property
     def size(self) -> int:
@@ -149,7 +152,7 @@ class ConditionalModel(_PerSymbolTables):
 
     @classmethod
     def from_mean_scale(cls, family: Family | ModelId, mean: np.ndarray, scale: np.ndarray,
-                        grid: ParametricGrid | None = None) -> "ConditionalModel":
+                        grid: ParametricGrid | None = None) -> ConditionalModel:
         family = _FAMILY_OF[family] if isinstance(family, ModelId) else Family(family)
         grid = grid or GRID_V1[family]
         if grid.family != family:
@@ -198,7 +201,8 @@ class IndexedModel(_PerSymbolTables):
 
     @functools.cached_property
     def _layout(self) -> _Layout:
-        return _layout_by_table(self.table_ids, self.offsets, len(self.tables), self.tables.__getitem__)
+        offsets = cast(np.ndarray, self.offsets)  # never None after __post_init__
+        return _layout_by_table(self.table_ids, offsets, len(self.tables), self.tables.__getitem__)
 
 
 Model = CategoricalModel | ConditionalModel | IndexedModel
@@ -298,6 +302,7 @@ def _decode_one_table(pop, table: FrequencyTable, count: int, where: str) -> np.
     escapes = None
     if table.escape and count and int(indices.max()) == table.num_regular:  # the escape is the last index
         escapes = _pop_escapes(pop, indices, table, where)
+    if escapes is not None:
         if escapes[1].min() < -(2**31) or escapes[1].max() >= 2**31:
             raise StreamError(f"{where}: a decoded symbol does not fit in int32")
         indices[escapes[0]] = 0
@@ -345,7 +350,8 @@ def decode(data: bytes | memoryview, model: Model, count: int | None = None, cod
     # what it decodes to (encoding is several times faster than decoding).
     again = adapter.to_bytes(adapter.encode_groups(coder, coded))
     if again != bytes(data):
-        raise StreamError(f"{where}: {coder.value} stream is not the encoding of its symbols (truncated, padded or corrupt)")
+        raise StreamError(f"{where}: {coder.value} stream is not the encoding of its symbols "
+                          "(truncated, padded or corrupt)")
     return out
 
 
@@ -388,11 +394,11 @@ class BitsBackStack:
         return np.random.Generator(np.random.PCG64(seed)).integers(1, 2**32, size=count, dtype=np.uint32)
 
     @classmethod
-    def seeded(cls, count: int, seed: int = 0) -> "BitsBackStack":
+    def seeded(cls, count: int, seed: int = 0) -> BitsBackStack:
         return cls(cls.seed_words(count, seed))
 
     @classmethod
-    def from_bytes(cls, data: bytes | memoryview, where: str = "bits-back stream") -> "BitsBackStack":
+    def from_bytes(cls, data: bytes | memoryview, where: str = "bits-back stream") -> BitsBackStack:
         return cls(adapter.from_bytes(data, where))
 
     def to_bytes(self) -> bytes:
@@ -476,7 +482,7 @@ def _section_encode(codec: Codec):
 
 def _section_model(params: Mapping[str, Any], where: str) -> ModelId:
     model = params.get("model")
-    if model not in ModelId._value2member_map_:
+    if not isinstance(model, int) or model not in ModelId._value2member_map_:
         raise FormatError(f"{where}: params.model must be one of {[int(m) for m in ModelId]}, got {model!r}")
     return ModelId(model)
 

@@ -56,7 +56,6 @@ def encode_varints(values: np.ndarray, *, signed: bool) -> bytes:
     u = ((v << 1) ^ (v >> 63)).astype(np.uint64) if signed else v.astype(np.uint64)
     if v.size and not signed and (v < 0).any():
         raise UsageError("unsigned varints got a negative value")
-    out = []
     remaining = u.copy()
     # columns of 7-bit groups; at most 10 for 64-bit values
     groups = []
@@ -70,7 +69,7 @@ def encode_varints(values: np.ndarray, *, signed: bool) -> bytes:
     while rest.any():
         count += rest > 0
         rest = rest >> np.uint64(7)
-    matrix = np.stack(groups, axis=1) if groups else np.zeros((u.size, 1), np.uint8)
+    matrix: np.ndarray = np.stack(groups, axis=1) if groups else np.zeros((u.size, 1), np.uint8)
     cont = np.arange(matrix.shape[1])[None, :] < (count[:, None] - 1)
     matrix = matrix | (cont.astype(np.uint8) << 7)
     keep = np.arange(matrix.shape[1])[None, :] < count[:, None]
@@ -181,7 +180,7 @@ class FrequencyTable:
         return head + encode_varints(self.freqs - 1, signed=False)
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> "FrequencyTable":
+    def from_bytes(cls, data: bytes, where: str) -> FrequencyTable:
         (size,), used = decode_varints(data, 1, signed=False, where=f"{where}: table size")
         if not 1 <= size <= MAX_TABLE_SYMBOLS + 1:
             raise LimitError(f"{where}: table declares {size} entries; allowed 1..{MAX_TABLE_SYMBOLS + 1}")
@@ -341,13 +340,14 @@ class ParametricGrid:
         bounds = self.boundaries
         last = self.num_scales - 1
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            guess = np.log(np.maximum(scale, 1e-300) / self.scale_min) * ((self.num_scales - 1) / math.log(self.scale_max / self.scale_min))
+            per_log = (self.num_scales - 1) / math.log(self.scale_max / self.scale_min)
+            guess = np.log(np.maximum(scale, 1e-300) / self.scale_min) * per_log
         k = np.clip(np.floor(guess + 0.5), 0, last).astype(np.int64)
         k += (k < last) & (scale > bounds[np.minimum(k, last - 1)])
         k -= (k > 0) & (scale <= bounds[np.maximum(k - 1, 0)])
         return k
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - grids are module-level constants
+    @functools.cache  # noqa: B019 - grids are module-level constants
     def table(self, index: int) -> FrequencyTable:
         """The integer table ``index`` = frac·num_scales + scale_index."""
         if not 0 <= index < self.num_tables:

@@ -9,14 +9,15 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from .enums import Codec, Kind, SectionFlag
 from .errors import FormatError, LimitError, UsageError
 from .section_codecs import get_codec
 
 __all__ = ["MAGIC", "FOOTER_MAGIC", "VERSION", "ALIGNMENT", "PRELUDE", "PRELUDE_COVERED", "FOOTER", "ENTRY_FIELDS",
-           "MAX_NAME_BYTES", "KNOWN_FLAGS", "TENSOR_DTYPES", "REPRESENTATION_HEADS", "MAX_TENSOR_RANK", "MAX_IMAGE_SIDE", "MAX_IMAGE_PIXELS",
+           "MAX_NAME_BYTES", "KNOWN_FLAGS", "TENSOR_DTYPES", "REPRESENTATION_HEADS", "MAX_TENSOR_RANK",
+           "MAX_IMAGE_SIDE", "MAX_IMAGE_PIXELS",
            "Limits", "SectionInfo", "check_params", "align", "known_kind"]
 
 MAGIC = b"\x89NCZ\r\n\x1a\n"
@@ -34,7 +35,7 @@ KNOWN_FLAGS = int(SectionFlag.CRITICAL | SectionFlag.ALIGNED)
 TENSOR_DTYPES = {
     "bool": 1, "uint8": 1, "int8": 1, "int16": 2, "uint16": 2, "int32": 4, "uint32": 4,
     "int64": 8, "uint64": 8, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,
-}  # fmt: skip
+}
 MAX_TENSOR_RANK = 8
 
 
@@ -101,7 +102,7 @@ class SectionInfo:
         return [
             self.name, self.kind, self.codec, self.flags, self.offset,
             self.stored_length, self.decoded_length, self.checksum, dict(self.params),
-        ]  # fmt: skip
+        ]
 
 
 def known_kind(value: int) -> bool:
@@ -120,7 +121,7 @@ def align(offset: int, flags: int) -> int:
     return -(-offset // ALIGNMENT) * ALIGNMENT
 
 
-def _uint(value: Any) -> bool:
+def _uint(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -147,12 +148,17 @@ MAX_IMAGE_SIDE = 1 << 15
 MAX_IMAGE_PIXELS = 1 << 28  # one image (FORMAT.md §5.3)
 
 
+def _image_side(params: Mapping[str, Any], key: str, where: str) -> int:
+    value = params.get(key)
+    if not _uint(value) or not 1 <= value <= MAX_IMAGE_SIDE:
+        raise FormatError(f"{where}: params.{key} must be an int in 1..{MAX_IMAGE_SIDE}, got {value!r}")
+    return value
+
+
 def _check_image(params: Mapping[str, Any], decoded_length: int, where: str) -> None:
     """Types and ranges of IMAGE params (FORMAT.md §5.3); the codec checks the model's own ranges."""
-    width, height, tile = params.get("width"), params.get("height"), params.get("tile")
-    for key, value in (("width", width), ("height", height)):
-        if not _uint(value) or not 1 <= value <= MAX_IMAGE_SIDE:
-            raise FormatError(f"{where}: params.{key} must be an int in 1..{MAX_IMAGE_SIDE}, got {value!r}")
+    width, height = _image_side(params, "width", where), _image_side(params, "height", where)
+    tile = params.get("tile")
     if width * height > MAX_IMAGE_PIXELS:
         raise LimitError(f"{where}: params width×height {width}×{height} exceeds {MAX_IMAGE_PIXELS} pixels")
     if params.get("channels") not in (1, 3) or isinstance(params.get("channels"), bool):

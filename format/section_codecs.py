@@ -21,7 +21,7 @@ import zstandard
 from .enums import Codec
 from .errors import FormatError, StreamError, UsageError
 
-__all__ = ["SectionCodec", "get_codec", "register_codec", "ZSTD_MAX_RATIO"]
+__all__ = ["SectionCodec", "get_codec", "require_codec", "register_codec", "ZSTD_MAX_RATIO"]
 
 Buffer = bytes | bytearray | memoryview
 
@@ -35,7 +35,7 @@ class SectionCodec:
     """The encoder and decoder of one codec id."""
 
     codec: Codec
-    encode: Callable[[Buffer, Mapping[str, Any]], tuple[bytes, dict[str, Any]]]
+    encode: Callable[[Buffer, Mapping[str, Any]], tuple[Buffer, dict[str, Any]]]  # raw returns its input
     decode: Callable[[Buffer, Mapping[str, Any], int, str], bytes]
     aligned: bool  # writers align its payloads to 64 by default (FORMAT.md §4.4)
     # True when decoding needs data from outside the section (e.g. the means
@@ -59,6 +59,14 @@ def register_codec(codec: SectionCodec) -> None:
 def get_codec(codec_id: int) -> SectionCodec | None:
     """The registered codec for ``codec_id``, or None if this build lacks it."""
     return _REGISTRY.get(codec_id)
+
+
+def require_codec(codec_id: int) -> SectionCodec:
+    """The registered codec for ``codec_id`` (UsageError if this build lacks it)."""
+    spec = _REGISTRY.get(codec_id)
+    if spec is None:
+        raise UsageError(f"codec {codec_id!r} is not available")
+    return spec
 
 
 # --- raw -------------------------------------------------------------------

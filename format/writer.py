@@ -7,7 +7,6 @@ killed writer left behind are removed by the next write of the same path.
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import stat
@@ -21,8 +20,20 @@ from . import canonical
 from .checksum import xxh3_64
 from .enums import Codec, Kind, SectionFlag
 from .errors import UsageError
-from .layout import FOOTER, FOOTER_MAGIC, MAGIC, MAX_NAME_BYTES, PRELUDE, PRELUDE_COVERED, VERSION, Limits, SectionInfo, align, check_params
-from .section_codecs import get_codec
+from .layout import (
+    FOOTER,
+    FOOTER_MAGIC,
+    MAGIC,
+    MAX_NAME_BYTES,
+    PRELUDE,
+    PRELUDE_COVERED,
+    VERSION,
+    Limits,
+    SectionInfo,
+    align,
+    check_params,
+)
+from .section_codecs import Buffer, get_codec, require_codec
 
 __all__ = ["Writer", "EncodedPayload", "encode_payload", "atomic_write"]
 
@@ -75,7 +86,7 @@ def _temp_beside(path: Path) -> tuple[int, str]:
 
 def _umask() -> int:
     try:
-        with io.open("/proc/self/status", encoding="ascii", errors="replace") as status:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
             for line in status:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)
@@ -106,7 +117,7 @@ class EncodedPayload:
     codecs by size (e.g. zstd vs ANS per tensor) and write the smallest."""
 
     codec: int
-    stored: bytes | memoryview
+    stored: Buffer
     decoded_length: int
     params: Mapping[str, Any]
 
@@ -115,7 +126,8 @@ class EncodedPayload:
         return len(self.stored)
 
 
-def encode_payload(data: bytes | bytearray | memoryview, codec: Codec, options: Mapping[str, Any] | None = None) -> EncodedPayload:
+def encode_payload(data: bytes | bytearray | memoryview, codec: Codec,
+                   options: Mapping[str, Any] | None = None) -> EncodedPayload:
     """Encode ``data`` with ``codec`` without writing it anywhere."""
     spec = get_codec(int(codec))
     if spec is None:
@@ -213,7 +225,7 @@ class Writer:
             aligned=aligned,
         )
 
-    def add_encoded(self, name: str, payload: "EncodedPayload", *, kind: int,
+    def add_encoded(self, name: str, payload: EncodedPayload, *, kind: int,
                     params: Mapping[str, Any] | None = None, critical: bool = True,
                     aligned: bool | None = None) -> SectionInfo:
         """Append a payload already encoded by :func:`encode_payload`."""
@@ -247,13 +259,12 @@ class Writer:
             raise UsageError(f"section name must be 1..{MAX_NAME_BYTES} UTF-8 bytes, got {name!r}")
         if name in self._names:
             raise UsageError(f"section name {name!r} is used twice")
-        if get_codec(int(codec)) is None:
-            raise UsageError(f"codec {codec!r} is not available")
+        spec = require_codec(int(codec))
         params = dict(params or {})
         canonical.pack(params)  # fail now, not at close, on unstorable params
         check_params(int(kind), params, decoded_length, f"section {name!r}", _WRITER_CAPS)
         if aligned is None:
-            aligned = get_codec(int(codec)).aligned
+            aligned = spec.aligned
         flags = (int(SectionFlag.CRITICAL) if critical else 0) | (int(SectionFlag.ALIGNED) if aligned else 0)
         offset = align(self._position, flags)
         if offset > self._position:
@@ -310,7 +321,7 @@ class Writer:
                 pass
             self._tmp = None
 
-    def __enter__(self) -> "Writer":
+    def __enter__(self) -> Writer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

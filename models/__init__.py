@@ -19,7 +19,17 @@ import importlib
 
 from ncz.format.errors import AdaCompWireError
 
-from .archive import LoadReport, PackReport, TensorReport, describe, iter_tensors, load_into, load_state_dict, pack, unpack
+from .archive import (
+    LoadReport,
+    PackReport,
+    TensorReport,
+    describe,
+    iter_tensors,
+    load_into,
+    load_state_dict,
+    pack,
+    unpack,
+)
 from .calibration import Calibration, calibrate
 from .checkpoint import TensorSource, open_checkpoint
 from .codebook import CodebookEmbedding, encode_codebook, product_quantize

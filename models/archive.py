@@ -26,7 +26,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ncz.format import FormatError, InputError, Kind, LimitError, Limits, Reader, SectionInfo, UsageError, Writer, atomic_write
+from ncz.format import (
+    FormatError,
+    InputError,
+    Kind,
+    LimitError,
+    Limits,
+    Reader,
+    SectionInfo,
+    UsageError,
+    Writer,
+    atomic_write,
+)
 from ncz.format import open as open_archive
 
 from . import registry
@@ -86,7 +97,8 @@ def _encode(name: str, tensor: torch.Tensor, recipe: Recipe, calibration: Calibr
     try:
         return representation.encode(name, tensor, **options)
     except TypeError as exc:
-        raise UsageError(f"recipe {recipe.name!r}: bad options {rule.options} for {rule.representation!r} ({exc})") from exc
+        raise UsageError(f"recipe {recipe.name!r}: bad options {rule.options} for {rule.representation!r} "
+                         f"({exc})") from exc
 
 
 def pack(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | TensorSource, output: str | os.PathLike[str], *,
@@ -253,7 +265,8 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, factorize
             tensor = _decode(head, reader)
             target = own[name]
             if tuple(target.shape) != tuple(tensor.shape):
-                raise InputError(f"{reader.name}: {name!r} has shape {list(tensor.shape)}, the model expects {list(target.shape)}")
+                raise InputError(f"{reader.name}: {name!r} has shape {list(tensor.shape)}, "
+                                 f"the model expects {list(target.shape)}")
             with torch.no_grad():
                 target.copy_(tensor.to(target.dtype))
             dense.append(name)
@@ -321,7 +334,8 @@ def unpack(path: str | os.PathLike[str], output: str | os.PathLike[str], progres
         if dtype not in _ST_DTYPES:
             raise UsageError(f"{h.name!r}: dtype {dtype} has no safetensors equivalent")
         size = dense_nbytes(h.params)
-        header[h.name] = {"dtype": _ST_DTYPES[dtype], "shape": h.params["shape"], "data_offsets": [offset, offset + size]}
+        header[h.name] = {"dtype": _ST_DTYPES[dtype], "shape": h.params["shape"],
+                          "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)

@@ -84,7 +84,7 @@ class Calibration:
              metadata={"content": CALIBRATION_TAG, "samples": int(self.samples), "calibration_source": self.source})
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Calibration":
+    def load(cls, path: str | os.PathLike[str]) -> Calibration:
         with open_archive(path) as reader:
             meta = reader.metadata
         if meta.get("content") != CALIBRATION_TAG:

@@ -165,7 +165,9 @@ def open_checkpoint(path: str | Path) -> TensorSource:
     else:
         with open(path, "rb") as handle:
             magic = handle.read(8)
-        if magic[:1] == b"{" or (len(magic) == 8 and int.from_bytes(magic, "little") < 100_000_000 and path.suffix not in (".pt", ".pth", ".bin", ".ckpt")):
+        header_length = int.from_bytes(magic, "little") if len(magic) == 8 else None  # safetensors starts with it
+        pickled_suffix = path.suffix in (".pt", ".pth", ".bin", ".ckpt")
+        if magic[:1] == b"{" or (header_length is not None and header_length < 100_000_000 and not pickled_suffix):
             names, loaders, notes = _from_safetensors([path])
         else:
             names, loaders, notes = _from_state_dict(path)

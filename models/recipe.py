@@ -96,7 +96,7 @@ class Recipe:
         return Rule("*", "lossless")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], name: str = "recipe") -> "Recipe":
+    def from_dict(cls, data: dict[str, Any], name: str = "recipe") -> Recipe:
         rules = []
         raw_rules = data.get("rule", [])
         if not isinstance(raw_rules, list) or not raw_rules:
@@ -122,7 +122,7 @@ class Recipe:
         return cls(str(data.get("name", name)), tuple(rules))
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "Recipe":
+    def from_toml(cls, path: str | Path) -> Recipe:
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -131,7 +131,7 @@ class Recipe:
         return cls.from_dict(data, path.stem)
 
     @classmethod
-    def preset(cls, name: str) -> "Recipe":
+    def preset(cls, name: str) -> Recipe:
         if name not in PRESETS:
             raise UsageError(f"unknown preset {name!r} (known: {sorted(PRESETS)})")
         return cls.from_dict(PRESETS[name], name)

@@ -66,7 +66,7 @@ DTYPE_NAMES = {
     torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64",
     torch.int8: "int8", torch.uint8: "uint8", torch.int16: "int16", torch.int32: "int32", torch.int64: "int64",
     torch.bool: "bool",
-}  # fmt: skip
+}
 _TORCH_OF = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int16": 2, "int32": 4,
             "int64": 8, "bool": 1, "uint16": 2, "uint32": 4, "uint64": 8}

@@ -38,7 +38,8 @@ def _head(w: Writer, name: str, kind: Kind, dtype: str, shape: list[int], **para
 
 def _part(w: Writer, name: str, array: np.ndarray, codec: Codec = Codec.ANS) -> None:
     data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"))
-    w.add(name, data.tobytes(), kind=Kind.PART, codec=codec, params={"dtype": str(array.dtype), "shape": list(array.shape)})
+    w.add(name, data.tobytes(), kind=Kind.PART, codec=codec,
+          params={"dtype": str(array.dtype), "shape": list(array.shape)})
 
 
 def _step_value(code: int) -> np.float32:

@@ -22,7 +22,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ncz.format import FormatError, InputError, NczError, UsageError
-
 from ncz.models.adacomp import (
     AdaCompCompressor,
     AdaCompConfig,
@@ -229,7 +228,8 @@ def test_conservation_nothing_is_lost(n: int, bin_len: int, steps: int, seed: in
         grad_sum += grad.double()
         sent_sum += sent.double()
     # over all steps: everything sent + what is still owed == all gradients
-    torch.testing.assert_close(sent_sum + residue.double(), grad_sum, rtol=0, atol=1e-4 * float(grad_sum.abs().max() + 1))
+    torch.testing.assert_close(sent_sum + residue.double(), grad_sum, rtol=0,
+                               atol=1e-4 * float(grad_sum.abs().max() + 1))
 
 
 def test_compressor_rejects_bad_input() -> None:
@@ -548,7 +548,8 @@ def _ddp_data() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(123)
     x = torch.randn(2048, 32, generator=g)
     w = torch.randn(32, 1, generator=g)
-    y = torch.tanh(x @ w / 4) + 0.1 * torch.sin(x[:, :4].sum(1, keepdim=True)) + 0.05 * torch.randn(2048, 1, generator=g)
+    noise = 0.05 * torch.randn(2048, 1, generator=g)
+    y = torch.tanh(x @ w / 4) + 0.1 * torch.sin(x[:, :4].sum(1, keepdim=True)) + noise
     return x, y
 
 

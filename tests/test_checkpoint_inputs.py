@@ -123,7 +123,8 @@ def test_recipe_values_are_checked_on_load(tmp_path, capsys, rule, match):
     lines += [f"{k} = {json.dumps(v) if not isinstance(v, float) or v == v else 'nan'}" for k, v in rule.items()]
     (tmp_path / "r.toml").write_text("\n".join(lines) + "\n")
     torch.save({"w": torch.randn(64, 64)}, tmp_path / "c.pt")
-    assert main(["pack", str(tmp_path / "c.pt"), "-o", str(tmp_path / "o.ncz"), "--recipe", str(tmp_path / "r.toml")]) == 1
+    assert main(["pack", str(tmp_path / "c.pt"), "-o", str(tmp_path / "o.ncz"),
+                 "--recipe", str(tmp_path / "r.toml")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and match.split()[0] in err
 

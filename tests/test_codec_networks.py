@@ -11,12 +11,11 @@ from ncz.codec.networks import (
     CodecConfig,
     EntropyBottleneck,
     HyperpriorCodec,
-    bits_per_pixel,
     crop,
     gaussian_likelihood,
     pad_to_multiple,
 )
-from ncz.codec.train import Trainer, TrainConfig, add_levels, evaluate_codec
+from ncz.codec.train import TrainConfig, Trainer, add_levels, evaluate_codec
 
 TINY = dict(N=16, M=24, lambdas=(0.002, 0.01, 0.05))
 
@@ -157,7 +156,7 @@ def test_bpp_decreases_with_quality_after_training(tmp_path):
     for _ in range(15):
         tr.train_step()
     rep = evaluate_codec(tr.model, imgs[:2])
-    bpps = [l.bpp for l in rep.levels]
+    bpps = [level.bpp for level in rep.levels]
     assert bpps == sorted(bpps) and bpps[0] < bpps[-1], bpps
 
 
@@ -188,7 +187,7 @@ def test_train_loop_writes_log_and_checkpoint(tmp_path):
     assert len(evals) == 1 and len(evals[0].levels) == 3
     assert (tmp_path / "latest.pt").exists() and (tmp_path / "weights_00000004.pt").exists()
     lines = (tmp_path / "train_log.jsonl").read_text().splitlines()
-    assert any('"event": "eval"' in l for l in lines)
+    assert any('"event": "eval"' in line for line in lines)
     assert Trainer.read_model_config(tmp_path / "latest.pt") == tr.model_config
 
 

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import shared_data
 from torch import nn
 
 import ncz.format as nf
@@ -23,8 +24,6 @@ from ncz.models.dictionary import (
 from ncz.models.lossless import encode_lossless
 from ncz.models.quantized import encode_quantized
 from ncz.models.representation import relative_error, symbol_payload
-
-from conftest import shared_data
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -124,10 +124,10 @@ def test_forged_tables_with_valid_checksums(data):
     value = st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                          st.dictionaries(st.text(max_size=4), inner, max_size=4)),
                          max_leaves=12)
-    entry = st.tuples(st.text(min_size=1, max_size=6), st.sampled_from([1, 2, 3, 999]), st.sampled_from([0, 1, 2, 3, 777]),
-                      st.integers(0, 3), st.integers(0, 600), st.integers(0, 600), st.integers(0, 1 << 30),
-                      st.integers(0, 2**64 - 1), st.dictionaries(st.sampled_from(["dtype", "shape", "x"]), value, max_size=3)
-                      ).map(list)
+    entry = st.tuples(st.text(min_size=1, max_size=6), st.sampled_from([1, 2, 3, 999]),
+                      st.sampled_from([0, 1, 2, 3, 777]), st.integers(0, 3), st.integers(0, 600), st.integers(0, 600),
+                      st.integers(0, 1 << 30), st.integers(0, 2**64 - 1),
+                      st.dictionaries(st.sampled_from(["dtype", "shape", "x"]), value, max_size=3)).map(list)
     table = data.draw(st.lists(st.one_of(entry, value), max_size=5))
     header = data.draw(st.dictionaries(st.text(max_size=4), value, max_size=3))
     payloads = data.draw(st.binary(max_size=300))

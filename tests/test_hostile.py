@@ -207,7 +207,8 @@ def test_zstd_bomb_declaration_rejected():
         (lambda t: {"not": "array"}, "array"),
         (lambda t: t[:2], "unaccounted"),
     ],
-    ids=["duplicate-name", "overlap-offset", "reserved-flag", "flag-changes-placement", "short-entry", "negative", "params-type", "table-type", "gap"],
+    ids=["duplicate-name", "overlap-offset", "reserved-flag", "flag-changes-placement", "short-entry", "negative",
+         "params-type", "table-type", "gap"],
 )
 def test_table_rules(mutate, message):
     with pytest.raises(nf.FormatError, match=message):

@@ -67,7 +67,8 @@ def test_entropy_bombs_exit_1_through_the_cli(tmp_path):
     tensor = build([Section("w", Kind.TENSOR, Codec.ANS, b"", 1 << 32,
                             {"dtype": "int32", "shape": [1 << 30], "model": 1, "table": skewed_table()})], ARCHIVE)
     (tmp_path / "t.ncz").write_bytes(tensor)
-    for args in (["verify", str(tmp_path / "t.ncz")], ["unpack", str(tmp_path / "t.ncz"), "-o", str(tmp_path / "o.pt")]):
+    archive = str(tmp_path / "t.ncz")
+    for args in (["verify", archive], ["unpack", archive, "-o", str(tmp_path / "o.pt")]):
         proc = _run_capped(args)
         assert proc.returncode == 1, proc.stderr[-500:]
         assert proc.stderr.count("\n") == 1 and "t.ncz" in proc.stderr and "symbols in 0 bytes" in proc.stderr

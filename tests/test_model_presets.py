@@ -275,7 +275,8 @@ def test_byte_planes_in_any_codec_and_out_of_range_symbols(tmp_path):
     n = w.numel()
 
     def part(values, codec, dtype="int32"):
-        return np.asarray(values, "<i4" if dtype == "int32" else np.uint8).tobytes(), codec, {"dtype": dtype, "shape": [n]}
+        data = np.asarray(values, "<i4" if dtype == "int32" else np.uint8).tobytes()
+        return data, codec, {"dtype": dtype, "shape": [n]}
 
     # the planes as ANS, RANGE, raw int32 and zstd uint8: the same tensor
     codecs = [(Codec.ANS, "int32"), (Codec.RANGE, "int32"), (Codec.RAW, "int32"), (Codec.ZSTD, "uint8")]

@@ -113,7 +113,8 @@ def test_quantized_bits_target():
 def test_structured_matrix_error_bound():
     # low-rank plus noise, the shape of real weights
     rng = np.random.default_rng(4)
-    w = (rng.standard_normal((200, 8)) @ rng.standard_normal((8, 300)) + 0.01 * rng.standard_normal((200, 300))).astype(np.float32)
+    w = rng.standard_normal((200, 8)) @ rng.standard_normal((8, 300)) + 0.01 * rng.standard_normal((200, 300))
+    w = w.astype(np.float32)
     q, steps, err = quantize(w, rel_error=0.02, granularity="channel")
     assert err <= 0.02
 
@@ -312,8 +313,9 @@ def test_models_imports_point_one_way_without_cycles():
     above = {"ncz.models.archive", "ncz.models.registry", "ncz.models.calibration", "ncz.models.recipe",
              "ncz.models.vectors"}
     for module, deps in edges.items():
-        if module.split(".")[2:3] in (["lossless"], ["quantized"], ["lowrank"], ["dictionary"], ["codebook"], ["representation"]) \
-                and module != "ncz.models.lowrank.plan":  # a recipe for a whole model: above the registry
+        representation = module.split(".")[2:3] in (["lossless"], ["quantized"], ["lowrank"], ["dictionary"],
+                                                    ["codebook"], ["representation"])
+        if representation and module != "ncz.models.lowrank.plan":  # a recipe for a whole model: above the registry
             assert not deps & above, f"{module}, a representation, imports {sorted(deps & above)}"
 
 

@@ -84,5 +84,6 @@ def test_entropy_constants_match():
     assert f"**precision {PRECISION}**" in SPEC
     assert f"{ESCAPE_BITS} bits" in SPEC
     grid = GRID_V1[Family.GAUSSIAN]
-    assert f"`S = {grid.num_scales}` values `sₖ = {grid.scale_min} · exp(k · ln({grid.scale_max:g}/{grid.scale_min}) / {grid.num_scales - 1})`" in SPEC
+    ratio = f"ln({grid.scale_max:g}/{grid.scale_min})"
+    assert f"`S = {grid.num_scales}` values `sₖ = {grid.scale_min} · exp(k · {ratio} / {grid.num_scales - 1})`" in SPEC
     assert f"floor(mean · {grid.mean_steps} + 0.5)" in SPEC

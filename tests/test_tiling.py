@@ -43,8 +43,13 @@ def test_windowed_transforms_equal_the_whole_image(runtime):
     """2×2 windows: g_a and g_s by windows match one pass over the whole image (float rounding only)."""
     torch.manual_seed(1)
     x = torch.rand(1, 3, 1152, 1088)  # 72 × 68 latents: 2 × 2 windows
-    ga = lambda t: runtime.g_a(t.contiguous(memory_format=torch.channels_last)).contiguous()
-    gs = lambda t: runtime.g_s(t.contiguous(memory_format=torch.channels_last)).contiguous()
+
+    def ga(t: torch.Tensor) -> torch.Tensor:
+        return runtime.g_a(t.contiguous(memory_format=torch.channels_last)).contiguous()
+
+    def gs(t: torch.Tensor) -> torch.Tensor:
+        return runtime.g_s(t.contiguous(memory_format=torch.channels_last)).contiguous()
+
     with torch.no_grad():
         whole_y = ga(x)
         windowed_y = analyze(ga, x)

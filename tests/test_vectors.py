@@ -181,7 +181,8 @@ def test_image_vectors_cover_alpha_grayscale_odd_sizes_and_the_context():
             for info in reader.sections:
                 if info.kind == nf.Kind.IMAGE:
                     p = info.params
-                    seen |= {f"channels={p['channels']}"} | ({"odd side"} if p["width"] % 2 or p["height"] % 2 else set())
+                    seen |= {f"channels={p['channels']}"}
+                    seen |= {"odd side"} if p["width"] % 2 or p["height"] % 2 else set()
                     seen |= {"fractional quality"} if p["quality"] % 1 else set()
                     seen |= {"alpha"} if f"{info.name}#alpha" in reader else set()
     assert {"channels=1", "channels=3", "odd side", "alpha", "fractional quality"} <= seen

@@ -118,8 +118,8 @@ DECODED: dict[str, Callable[..., dict[str, bytes]]] = {}
 BUILT_ONCE: dict[str, str] = {}
 
 
-def register(name: str, metadata: dict | None, fill: Callable, *, decoded: Callable[..., dict[str, bytes]] | None = None,
-             built_once: str | None = None) -> None:
+def register(name: str, metadata: dict | None, fill: Callable, *,
+             decoded: Callable[..., dict[str, bytes]] | None = None, built_once: str | None = None) -> None:
     """Let other layers (images, models) add their vectors; ``decoded(data)`` gives what
     that layer decodes the file to, pinned by sha256 in the vector's JSON.
 

@@ -129,7 +129,7 @@ class AdaCompConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "AdaCompConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> AdaCompConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

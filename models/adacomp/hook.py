@@ -217,7 +217,8 @@ class AdaCompState:
         """
         if state.get("version") != _STATE_VERSION:
             raise InputError(f"unsupported AdaCompState version {state.get('version')!r}")
-        residues = {int(k): torch.as_tensor(v, dtype=torch.float32).reshape(-1).clone() for k, v in state["residues"].items()}
+        residues = {int(k): torch.as_tensor(v, dtype=torch.float32).reshape(-1).clone()
+                    for k, v in state["residues"].items()}
         layouts = {int(k): tuple(int(x) for x in v) for k, v in state["layouts"].items()}
         for k, res in residues.items():
             if k in layouts and sum(layouts[k]) != res.numel():

@@ -94,7 +94,7 @@ class _Realized:
     codes: list[TensorCode]
     bits: float  # estimated stored bits of the group
     objective: float  # Σ numel · err² / Σ numel
-    retry: Callable[[float], "_Realized"]  # the same allocation with another value share
+    retry: Callable[[float], _Realized]  # the same allocation with another value share
 
     def worst(self) -> float:
         return max((c.rel_error for c in self.codes), default=0.0)

@@ -35,8 +35,8 @@ Parts (``<head>#<part>``):
 
 Integer parts are written with ANS; a reader takes any codec. The decoder sums
 each column's ``value · D̂[:, atom]`` terms in float64, left to right in stored
-order from the first term, rounds to float32, then casts to ``dtype``. Everything is validated (indices < K, counts vs. lengths, shapes,
-finite steps, dictionary references) and failures raise
+order from the first term, rounds to float32, then casts to ``dtype``. Everything is validated
+(indices < K, counts vs. lengths, shapes, finite steps, dictionary references) and failures raise
 :class:`ncz.format.FormatError` naming the file and the tensor.
 """
 

@@ -82,7 +82,7 @@ class DictionaryLinear(nn.Module):
 
 
 # one Parameter per (open reader, dictionary owner), so a group's modules share D
-_SHARED: "weakref.WeakKeyDictionary[Reader, dict[str, nn.Parameter]]" = weakref.WeakKeyDictionary()
+_SHARED: weakref.WeakKeyDictionary[Reader, dict[str, nn.Parameter]] = weakref.WeakKeyDictionary()
 
 
 def build_dictionary_linear(head: SectionInfo, reader: Reader, original: nn.Module) -> nn.Module:

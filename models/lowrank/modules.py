@@ -54,7 +54,8 @@ class LowRankLinear(nn.Module):
         return F.linear(F.linear(x, self.v), self.u, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bias={self.bias is not None}")
 
 
 class LowRankConv2d(nn.Module):

@@ -1,7 +1,7 @@
 """Joint rank selection by beam search (BSR §3.1): one knob, the compression ratio.
 
-After Eo, Kang & Rhee (Neural Networks 2023, "BSR"). Choosing one rank per layer independently (a fixed energy threshold, or the same
-ratio everywhere) ignores that layers differ in how fast their spectra decay. BSR
+After Eo, Kang & Rhee (Neural Networks 2023, "BSR"). Choosing one rank per layer independently (a fixed
+energy threshold, or the same ratio everywhere) ignores that layers differ in how fast their spectra decay. BSR
 searches the joint assignment under *one* knob, the compression ratio, with a beam
 search: a state is a full rank assignment; a state's children each lower one layer's
 rank by a step; the best ``beam_width`` children by a proxy of the damage (here the
@@ -240,7 +240,9 @@ def select_ranks(weights: Mapping[str, torch.Tensor], ratio: float, *, beam_widt
             return child, score(child)
     else:
         term = _terms(layers, proxy)
-        score = lambda state: sum(term(i, r) for i, r in enumerate(state))
+
+        def score(state: tuple[int, ...]) -> float:
+            return sum(term(i, r) for i, r in enumerate(state))
 
         def moved(state: tuple[int, ...], value: float, index: int, new: int) -> tuple[tuple[int, ...], float]:
             # separable: only the moved layer's term changes
