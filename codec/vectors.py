@@ -4,7 +4,8 @@
 
 - ``codec-tiny-hyperprior`` / ``codec-tiny-checkerboard``: tiny weights (N=16, M=24) of
   each architecture in :data:`ncz.codec.architectures.ARCHITECTURES`; the hyperprior is
-  briefly trained (so its pixels look like pixels), the checkerboard is the same model with a
+  trained for 60 steps (an untrained one decoded two different small images to the same
+  pixels; the codec tests use these weights too), the checkerboard is the same model with a
   context whose last layer is non-zero (so the context changes the coded means and scales);
 - ``codec-image-hyperprior``: a 70×45 crop of kodim23 with an alpha plane, quality 5.75;
   ``codec-image-checkerboard``: a 53×67 grayscale crop, quality 5.25.
