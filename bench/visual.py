@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ncz.codec.train import psnr  # the one PSNR
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * np.log10(255.0 ** 2 / mse) if mse > 0 else float("inf")
+    return psnr(float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)), peak=255.0)
 
 
 def _at_most(encode, budget: int, lo: int = 0, hi: int = 100) -> tuple[bytes, int]:
