@@ -20,7 +20,6 @@ the PNG beside each image vector holds those pixels, so a difference can be meas
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tempfile
@@ -41,7 +40,8 @@ from .imageio import Pixels
 from .networks import CodecConfig, HyperpriorCodec
 from .weights import export_codec, load_codec
 
-__all__ = ["WEIGHTS", "IMAGES", "register_vectors", "decoded_image", "expected_pixels", "synthetic_photo"]
+__all__ = ["WEIGHTS", "IMAGES", "register_vectors", "decoded_image", "decoded_pixels", "expected_pixels",
+           "synthetic_photo"]
 
 Register = Callable[..., None]  # make_vectors.register(name, metadata, fill, decoded=..., built_once=...)
 
@@ -130,7 +130,7 @@ def _source_pixels(name: str) -> Pixels:
     if grayscale:
         rgb = rgb[:, :, None]
     plane = None
-    if alpha:  # a radial ramp with a fully transparent corner: every alpha value from 0 to 255 but few
+    if alpha:  # a radial ramp, transparent at the centre, opaque towards the corners: many distinct values
         yy, xx = np.mgrid[0:height, 0:width]
         plane = np.clip(np.hypot(yy - height / 2, xx - width / 2) * 9 - 60, 0, 255).astype(np.uint8)[::-1, ::-1].copy()
     return Pixels(np.ascontiguousarray(rgb), plane)
@@ -191,11 +191,6 @@ def decoded_image(data: bytes, folder: Path, name: str) -> dict[str, bytes]:
         if pixels.alpha is not None:
             out[f"{section}/alpha"] = np.ascontiguousarray(pixels.alpha).tobytes()
     return out
-
-
-def weights_hash(path: str | os.PathLike[str]) -> bytes:
-    """What an image section names its weights by: the first 16 bytes of the file's sha256."""
-    return hashlib.sha256(Path(path).read_bytes()).digest()[:16]
 
 
 def register_vectors(register: Register) -> None:
