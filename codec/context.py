@@ -26,8 +26,6 @@ non-anchors are bit-exact like those of the anchors.
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,7 +38,7 @@ __all__ = ["CheckerboardContext", "CheckerboardCodec", "ContextSurrogate", "anch
 CHECKERBOARD_ARCH = "checkerboard-hyperprior+gain/v1"
 
 
-def anchor_mask(height: int, width: int, device: Union[torch.device, str, None] = None) -> Tensor:
+def anchor_mask(height: int, width: int, device: torch.device | str | None = None) -> Tensor:
     """``(1, 1, H, W)`` float mask, 1 at anchors (``(row + col)`` even), 0 at non-anchors."""
     rows = torch.arange(height, device=device)[:, None]
     cols = torch.arange(width, device=device)[None, :]
@@ -59,7 +57,7 @@ class CheckerboardContext(nn.Module):
     CompressAI use 10/3·M and 8/3·M).
     """
 
-    def __init__(self, M: int, hidden: Tuple[int, ...] = (), kernel: int = 5):
+    def __init__(self, M: int, hidden: tuple[int, ...] = (), kernel: int = 5):
         super().__init__()
         hidden = tuple(hidden) or (M * 10 // 3, M * 8 // 3)
         self.context = nn.Conv2d(M, 2 * M, kernel, padding=kernel // 2)
@@ -76,7 +74,7 @@ class CheckerboardContext(nn.Module):
     def masked_context_weight(self) -> Tensor:
         return self.context.weight * self.kernel_mask
 
-    def forward(self, y_anchor_hat: Tensor, mean: Tensor, raw_scale: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, y_anchor_hat: Tensor, mean: Tensor, raw_scale: Tensor) -> tuple[Tensor, Tensor]:
         """``(Δμ, Δσ_raw)`` everywhere (the caller applies them to non-anchors only)."""
         ctx = F.conv2d(y_anchor_hat, self.masked_context_weight(), self.context.bias,
                        padding=self.context.padding)
@@ -94,27 +92,27 @@ class CheckerboardCodec(HyperpriorCodec):
         super().__init__(config)
         self.context_model = CheckerboardContext(config.M)
 
-    def hyper_params(self, z_hat: Tensor) -> Tuple[Tensor, Tensor]:
+    def hyper_params(self, z_hat: Tensor) -> tuple[Tensor, Tensor]:
         """``(μ, σ_raw)`` of h_s without the lower bound (the coder's integer h_s outputs these)."""
         params = self._run(self.h_s, z_hat)
         raw_scale, mean = params.chunk(2, dim=1)
         return mean, raw_scale
 
-    def context_params(self, y_anchor_hat: Tensor, mean: Tensor, raw_scale: Tensor) -> Tuple[Tensor, Tensor]:
+    def context_params(self, y_anchor_hat: Tensor, mean: Tensor, raw_scale: Tensor) -> tuple[Tensor, Tensor]:
         """Parameters of every latent: the hyperprior's at anchors, context-refined at non-anchors."""
         anchors = anchor_mask(*mean.shape[-2:], device=mean.device)
         d_mean, d_scale = self._run_context(y_anchor_hat * anchors, mean, raw_scale)
         keep = 1.0 - anchors
         return mean + d_mean * keep, raw_scale + d_scale * keep
 
-    def _run_context(self, y_anchor_hat: Tensor, mean: Tensor, raw_scale: Tensor) -> Tuple[Tensor, Tensor]:
+    def _run_context(self, y_anchor_hat: Tensor, mean: Tensor, raw_scale: Tensor) -> tuple[Tensor, Tensor]:
         if self.autocast_dtype is None:
             return self.context_model(y_anchor_hat, mean, raw_scale)
         with torch.autocast(device_type=mean.device.type, dtype=self.autocast_dtype):
             d_mean, d_scale = self.context_model(y_anchor_hat, mean, raw_scale)
         return d_mean.float(), d_scale.float()
 
-    def forward(self, x: Tensor, quality: Union[float, Tensor]):
+    def forward(self, x: Tensor, quality: float | Tensor):
         """As :meth:`HyperpriorCodec.forward`, with the context on non-anchors (two-pass decode order)."""
         y = self.analysis(x, quality)
         z = self.hyper_analysis(y)
@@ -157,7 +155,7 @@ class ContextSurrogate(nn.Module):
         self.layers += [(layer, as_tensor(layer.weight), as_tensor(layer.scale)[None, :, None, None],
                          as_tensor(layer.bias)[None, :, None, None]) for layer in integer_context.params]
 
-    def forward(self, y_anchor_hat: Tensor, mean: Tensor, raw_scale: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, y_anchor_hat: Tensor, mean: Tensor, raw_scale: Tensor) -> tuple[Tensor, Tensor]:
         y_step, mean_step, scale_step = self.steps
         a = y_anchor_hat / y_step
         for index, (layer, weight, scale, bias) in enumerate(self.layers):

@@ -186,7 +186,8 @@ def image_pixels(info: SectionInfo) -> int:
     return w * h if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0 else 0
 
 
-def _check(info: SectionInfo, runtime: CodecRuntime, where: str, max_pixels: int) -> tuple[int, int, int, float, list[int]]:
+def _check(info: SectionInfo, runtime: CodecRuntime, where: str,
+           max_pixels: int) -> tuple[int, int, int, float, list[int]]:
     p = info.params
     if "layout" not in p and "tile" in p:
         raise InputError(f"{where}: image layout 1 (independent 1024-px tiles, ncz 0.1) is not decoded by this "

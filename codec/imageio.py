@@ -81,7 +81,8 @@ def read_image(source: str | os.PathLike[str] | bytes, name: str | None = None) 
     except UnidentifiedImageError as exc:
         raise InputError(f"{label}: not an image Pillow can read") from exc
     except Image.DecompressionBombError as exc:
-        raise LimitError(f"{label}: {exc} (Pillow's PIL.Image.MAX_IMAGE_PIXELS; raise it to read larger images)") from exc
+        raise LimitError(f"{label}: {exc} (Pillow's PIL.Image.MAX_IMAGE_PIXELS; raise it to read larger "
+                         "images)") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt image data
         raise InputError(f"{label}: corrupt or truncated image ({exc})") from exc
     pixels = pixels_of(handle)

@@ -195,7 +195,8 @@ class IntegerHyperSynthesis:
 
     @classmethod
     @torch.no_grad()
-    def from_float(cls, h_s: nn.Sequential, calibration: Sequence[torch.Tensor], headroom: float = 2.0) -> "IntegerHyperSynthesis":
+    def from_float(cls, h_s: nn.Sequential, calibration: Sequence[torch.Tensor],
+                   headroom: float = 2.0) -> IntegerHyperSynthesis:
         """Quantize a trained float h_s (conv / deconv / LeakyReLU sequence).
 
         ``calibration``: integer ẑ tensors (B, N, h, w) from training images;
@@ -264,7 +265,8 @@ class IntegerContext:
             raise InputError("the last context layer must output 2·M float channels")
 
     @torch.no_grad()
-    def __call__(self, y_anchor_hat: np.ndarray, mean: np.ndarray, raw_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, y_anchor_hat: np.ndarray, mean: np.ndarray,
+                 raw_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         def batch(v: np.ndarray) -> torch.Tensor:
             t = torch.as_tensor(np.asarray(v), dtype=torch.float64)
             return t[None] if t.dim() == 3 else t
@@ -320,7 +322,7 @@ class IntegerContext:
     @classmethod
     @torch.no_grad()
     def from_float(cls, model: nn.Module, calibration: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                   headroom: float = 2.0) -> "IntegerContext":
+                   headroom: float = 2.0) -> IntegerContext:
         """Quantize a trained :class:`~ncz.codec.context.CheckerboardContext`.
 
         ``calibration``: ``(ŷ_anchor, μ, σ_raw)`` float tensors from training

@@ -60,8 +60,8 @@ pure functions of their inputs (no noise, no state) for the actual coding path.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -98,7 +98,7 @@ __all__ = [
 #: mean-scale hyperprior they land at roughly 0.12, 0.19, 0.29, 0.44, 0.65,
 #: 0.95 and 1.35 bpp on Kodak, so an under-trained model (which spends a bit
 #: more rate) still covers the 0.15--1.2 bpp target band with margin.
-DEFAULT_LAMBDAS: Tuple[float, ...] = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932)
+DEFAULT_LAMBDAS: tuple[float, ...] = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932)
 
 #: Lower bound of the Gaussian scale σ (same value as CompressAI's
 #: ``SCALES_MIN``): below ~0.11 a unit-width bin holds essentially all mass,
@@ -128,10 +128,10 @@ class CodecConfig:
 
     N: int = 128
     M: int = 192
-    lambdas: Tuple[float, ...] = DEFAULT_LAMBDAS
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
     scale_bound: float = SCALE_BOUND
     likelihood_bound: float = LIKELIHOOD_BOUND
-    eb_filters: Tuple[int, ...] = (3, 3, 3)
+    eb_filters: tuple[int, ...] = (3, 3, 3)
     eb_init_scale: float = 10.0
     pad_multiple: int = 64
     arch: str = "mean-scale-hyperprior+gain/v1"
@@ -157,7 +157,7 @@ class CodecConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CodecConfig":
+    def from_dict(cls, d: dict) -> CodecConfig:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -253,7 +253,7 @@ class GDN(nn.Module):
         self.beta = nn.Parameter(self.beta_reparam.init(torch.ones(channels)))
         self.gamma = nn.Parameter(self.gamma_reparam.init(gamma_init * torch.eye(channels)))
 
-    def effective_params(self) -> Tuple[Tensor, Tensor]:
+    def effective_params(self) -> tuple[Tensor, Tensor]:
         """The reparametrized (β, γ) actually used."""
         return self.beta_reparam(self.beta), self.gamma_reparam(self.gamma)
 
@@ -321,7 +321,7 @@ class SubpixelDeconv(nn.Module):
 class _InferenceGDN(nn.Module):
     """GDN/IGDN with β, γ evaluated once (no reparametrization per call)."""
 
-    def __init__(self, gdn: "GDN"):
+    def __init__(self, gdn: GDN):
         super().__init__()
         beta, gamma = gdn.effective_params()
         c = beta.numel()
@@ -490,7 +490,7 @@ class EntropyBottleneck(nn.Module):
         return self._pmf_flat(k.expand(self.channels, -1).contiguous())
 
     @torch.no_grad()
-    def support(self, tail_mass: float = 1e-9, max_range: int = 1 << 15) -> Tuple[Tensor, Tensor]:
+    def support(self, tail_mass: float = 1e-9, max_range: int = 1 << 15) -> tuple[Tensor, Tensor]:
         """Per-channel integer range ``[lo, hi]`` outside which less than ``tail_mass`` lies.
 
         Returns two int64 tensors of shape ``(C,)`` with ``F(lo - ½) ≤ tail/2``
@@ -565,7 +565,7 @@ class GainUnits(nn.Module):
     def num_levels(self) -> int:
         return self.log_gain.shape[0]
 
-    def _interp(self, table: Tensor, quality: Union[float, Tensor]) -> Tensor:
+    def _interp(self, table: Tensor, quality: float | Tensor) -> Tensor:
         L = table.shape[0]
         q = torch.as_tensor(quality, dtype=torch.float32, device=table.device)
         q = q.reshape(-1).clamp(0, L - 1)
@@ -574,11 +574,11 @@ class GainUnits(nn.Module):
         logv = (1 - t) * table[i0] + t * table[i0 + 1]  # (B, M)
         return torch.exp(logv)[:, :, None, None]  # (1 or B, M, 1, 1)
 
-    def gain(self, quality: Union[float, Tensor]) -> Tensor:
+    def gain(self, quality: float | Tensor) -> Tensor:
         """Gain vector(s) for ``quality`` (float or ``(B,)`` tensor), shape ``(1|B, M, 1, 1)``."""
         return self._interp(self.log_gain, quality)
 
-    def inv_gain(self, quality: Union[float, Tensor]) -> Tensor:
+    def inv_gain(self, quality: float | Tensor) -> Tensor:
         """Inverse-gain vector(s), shape ``(1|B, M, 1, 1)``."""
         return self._interp(self.log_inv_gain, quality)
 
@@ -588,7 +588,7 @@ class GainUnits(nn.Module):
 # --------------------------------------------------------------------------
 
 
-def pad_to_multiple(x: Tensor, multiple: int = 64) -> Tuple[Tensor, Tuple[int, int]]:
+def pad_to_multiple(x: Tensor, multiple: int = 64) -> tuple[Tensor, tuple[int, int]]:
     """Pad ``(B, C, H, W)`` at the bottom/right by edge replication to a multiple.
 
     Replication (rather than zeros) avoids a hard edge that would cost bits
@@ -603,13 +603,13 @@ def pad_to_multiple(x: Tensor, multiple: int = 64) -> Tuple[Tensor, Tuple[int, i
     return x, (H, W)
 
 
-def crop(x: Tensor, size: Tuple[int, int]) -> Tensor:
+def crop(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Undo :func:`pad_to_multiple`: keep the top-left ``size = (H, W)``."""
     H, W = size
     return x[..., :H, :W]
 
 
-def bits_per_pixel(likelihoods: Dict[str, Tensor], num_pixels: int, per_sample: bool = False) -> Tensor:
+def bits_per_pixel(likelihoods: dict[str, Tensor], num_pixels: int, per_sample: bool = False) -> Tensor:
     """``Σ -log2 P / num_pixels`` over all likelihood tensors (per sample if asked)."""
     total = None
     for lik in likelihoods.values():
@@ -630,7 +630,7 @@ class HyperpriorCodec(nn.Module):
     transforms under autocast; all entropy-model math stays float32.
     """
 
-    def __init__(self, config: Optional[CodecConfig] = None, **overrides):
+    def __init__(self, config: CodecConfig | None = None, **overrides):
         super().__init__()
         if config is None:
             config = CodecConfig(**overrides)
@@ -646,7 +646,7 @@ class HyperpriorCodec(nn.Module):
         self.gains = GainUnits(config.lambdas, M)
         #: dtype for autocast of the transforms (None = off). Runtime only,
         #: not part of the architecture.
-        self.autocast_dtype: Optional[torch.dtype] = None
+        self.autocast_dtype: torch.dtype | None = None
 
     # -- plumbing ---------------------------------------------------------
 
@@ -664,7 +664,7 @@ class HyperpriorCodec(nn.Module):
 
     # -- pure helpers for the coding path ---------------------------------
 
-    def analysis(self, x: Tensor, quality: Union[float, Tensor]) -> Tensor:
+    def analysis(self, x: Tensor, quality: float | Tensor) -> Tensor:
         """``y = g_a(x) · gain(q)``; ``x`` in [0, 1], H and W multiples of 64."""
         return self._run(self.g_a, x) * self.gains.gain(quality)
 
@@ -672,18 +672,18 @@ class HyperpriorCodec(nn.Module):
         """``z = h_a(y)`` (y already gained)."""
         return self._run(self.h_a, y)
 
-    def hyper_synthesis(self, z_hat: Tensor) -> Tuple[Tensor, Tensor]:
+    def hyper_synthesis(self, z_hat: Tensor) -> tuple[Tensor, Tensor]:
         """``(mean, scale) = h_s(ẑ)``, scale lower bounded by ``config.scale_bound``."""
         params = self._run(self.h_s, z_hat)
         raw_scale, mean = params.chunk(2, dim=1)
         return mean, lower_bound(raw_scale, self.config.scale_bound)
 
-    def synthesis(self, y_hat: Tensor, quality: Union[float, Tensor]) -> Tensor:
+    def synthesis(self, y_hat: Tensor, quality: float | Tensor) -> Tensor:
         """``x̂ = g_s(ŷ · inv_gain(q))`` (not clamped)."""
         return self._run(self.g_s, y_hat * self.gains.inv_gain(quality))
 
     @staticmethod
-    def quantize_around(y: Tensor, mean: Tensor) -> Tuple[Tensor, Tensor]:
+    def quantize_around(y: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(symbols, ŷ)`` with ``symbols = round(y - μ)`` and ``ŷ = symbols + μ``."""
         s = torch.round(y - mean)
         return s, s + mean
@@ -694,7 +694,7 @@ class HyperpriorCodec(nn.Module):
     def y_likelihood(self, y_hat: Tensor, mean: Tensor, scale: Tensor) -> Tensor:
         return gaussian_likelihood(y_hat, mean, scale, self.config.scale_bound, self.config.likelihood_bound)
 
-    def lambda_for(self, quality: Union[float, Tensor]) -> Tensor:
+    def lambda_for(self, quality: float | Tensor) -> Tensor:
         """λ for (possibly fractional) quality, log-linear between levels."""
         lam = torch.log(torch.tensor(self.config.lambdas, dtype=torch.float64))
         q = torch.as_tensor(quality, dtype=torch.float64).clamp(0, self.num_levels - 1)
@@ -704,7 +704,7 @@ class HyperpriorCodec(nn.Module):
 
     # -- training / estimation forward ------------------------------------
 
-    def forward(self, x: Tensor, quality: Union[float, Tensor]) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def forward(self, x: Tensor, quality: float | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Return ``(x̂, {"y": P(ŷ), "z": P(ẑ)})``.
 
         Training mode: rate terms on ``y + U``/``z + U``; ``g_s`` and ``h_s``

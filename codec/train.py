@@ -56,9 +56,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -219,20 +219,20 @@ class TrainConfig:
     bf16: bool = True              # autocast the transforms to bfloat16
     channels_last: bool = True
     device: str = "cpu"
-    threads: Optional[int] = None  # torch.set_num_threads (the maximum, with threads_auto)
+    threads: int | None = None  # torch.set_num_threads (the maximum, with threads_auto)
     threads_auto: bool = False     # pick 1 or `threads` intra-op threads by measured step time
     ckpt_every: int = 500          # steps
     ckpt_seconds: float = 600.0    # ... or wall seconds, whichever first
     keep_every: int = 10_000       # keep a weights-only snapshot every this many steps (0 = never)
     eval_every: int = 2_000
     log_every: int = 50
-    eval_images: Tuple[str, ...] = ()
+    eval_images: tuple[str, ...] = ()
     ema_decay: float = 0.999       # exponential moving average of the weights (0 = off); exported by default
     context_lr_scale: float = 10.0  # lr multiplier of a context model's parameters (see Trainer._param_groups)
     # model architecture (used when not resuming)
     N: int = 128
     M: int = 192
-    lambdas: Tuple[float, ...] = DEFAULT_LAMBDAS
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
 
     def model_config(self) -> CodecConfig:
         return CodecConfig(N=self.N, M=self.M, lambdas=tuple(self.lambdas))
@@ -264,9 +264,9 @@ class EvalReport:
     """Estimated RD point per trained quality level on the evaluation images."""
 
     step: int
-    levels: List[LevelResult] = field(default_factory=list)
+    levels: list[LevelResult] = field(default_factory=list)
     seconds: float = 0.0
-    raw: Optional["EvalReport"] = None  # the non-averaged weights, when an average is kept
+    raw: EvalReport | None = None  # the non-averaged weights, when an average is kept
 
 
 def psnr(mse: float, peak: float = 1.0) -> float:
@@ -285,7 +285,7 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def load_image_folder(folder: str | os.PathLike, min_size: int = 0) -> List[torch.Tensor]:
+def load_image_folder(folder: str | os.PathLike, min_size: int = 0) -> list[torch.Tensor]:
     """Decode every JPEG/PNG in ``folder`` (sorted, non-recursive) to uint8 tensors.
 
     Images whose short side is below ``min_size`` are upscaled (bicubic) so
@@ -319,7 +319,7 @@ def _to_float(img_u8: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_codec(model: HyperpriorCodec, images: Sequence[torch.Tensor],
-                   qualities: Optional[Sequence[float]] = None, step: int = 0) -> EvalReport:
+                   qualities: Sequence[float] | None = None, step: int = 0) -> EvalReport:
     """Estimated bpp and PSNR per quality, averaged over ``images`` (uint8 ``(3,H,W)``).
 
     Runs in eval mode, float32 (autocast off), hard rounding; PSNR is of the
@@ -380,7 +380,7 @@ class ThreadTuner:
         self.probe_every = probe_every
         self.current = self.candidates[0]
         self.times = {c: [] for c in self.candidates}
-        self.probe: Optional[int] = None
+        self.probe: int | None = None
         self.probe_left = 0
         self.since_probe = max(0, probe_every - 2 * probe_len)  # first probe comes early
         torch.set_num_threads(self.current)
@@ -390,11 +390,11 @@ class ThreadTuner:
         return self.probe if self.probe is not None else self.current
 
     @staticmethod
-    def _median(v: List[float]) -> float:
+    def _median(v: list[float]) -> float:
         v = sorted(v)
         return v[len(v) // 2]
 
-    def record(self, dt: float) -> Optional[dict]:
+    def record(self, dt: float) -> dict | None:
         """Feed one step's wall time; returns a decision record after each probe."""
         if len(self.candidates) < 2:
             return None
@@ -448,13 +448,13 @@ class Trainer:
             ``cfg.eval_images`` when omitted.
     """
 
-    def __init__(self, cfg: TrainConfig, model_config: Optional[CodecConfig] = None,
-                 images: Optional[List[torch.Tensor]] = None,
-                 eval_images: Optional[List[torch.Tensor]] = None):
+    def __init__(self, cfg: TrainConfig, model_config: CodecConfig | None = None,
+                 images: list[torch.Tensor] | None = None,
+                 eval_images: list[torch.Tensor] | None = None):
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
-        self.tuner: Optional[ThreadTuner] = None
+        self.tuner: ThreadTuner | None = None
         if cfg.threads_auto:
             self.tuner = ThreadTuner(cfg.threads or os.cpu_count() or 1)
         self.device = torch.device(cfg.device)
@@ -477,7 +477,7 @@ class Trainer:
         self.eval_images = eval_images
         self.stop_requested = False
         self._lam = torch.tensor(self.model_config.lambdas, dtype=torch.float32)
-        self.ema_model: Optional[HyperpriorCodec] = None
+        self.ema_model: HyperpriorCodec | None = None
         self.ema_updates = 0
         if cfg.ema_decay:
             self.reset_ema()
@@ -536,7 +536,7 @@ class Trainer:
 
     # -- data -------------------------------------------------------------
 
-    def sample_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def sample_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Random crops (with random h-flip) and per-sample quality levels."""
         c, g = self.cfg, self.data_gen
         n = len(self.images)
@@ -557,7 +557,7 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------
 
-    def train_step(self) -> Dict[str, object]:
+    def train_step(self) -> dict[str, object]:
         """One optimizer step; returns batch-mean metrics and per-sample ones."""
         x, levels = self.sample_batch()
         x = x.to(self.device)
@@ -630,7 +630,7 @@ class Trainer:
             self.ema_model.load_state_dict(state["ema"])
             self.ema_updates = int(state.get("ema_updates", 0))
 
-    def save_checkpoint(self, path: Optional[str | os.PathLike] = None) -> Path:
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
         """Atomically write the full training state (default ``out_dir/latest.pt``)."""
         out = Path(self.cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -680,10 +680,10 @@ class Trainer:
         with open(out / "train_log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def train(self, on_step: Optional[Callable[[StepReport], None]] = None,
-              on_eval: Optional[Callable[[EvalReport], None]] = None,
-              on_checkpoint: Optional[Callable[[int, Path], None]] = None,
-              max_steps: Optional[int] = None, eval_at_start: bool = False) -> int:
+    def train(self, on_step: Callable[[StepReport], None] | None = None,
+              on_eval: Callable[[EvalReport], None] | None = None,
+              on_checkpoint: Callable[[int, Path], None] | None = None,
+              max_steps: int | None = None, eval_at_start: bool = False) -> int:
         """Run until ``cfg.steps`` (or ``max_steps`` more steps, or :attr:`stop_requested`).
 
         Writes ``train_log.jsonl`` and checkpoints into ``cfg.out_dir``; the
@@ -698,7 +698,7 @@ class Trainer:
             self._do_eval(on_eval)
         last_ckpt_t = time.time()
         last_ckpt_step = -1
-        window: List[dict] = []
+        window: list[dict] = []
         rate_t, rate_n, sps = time.time(), 0, 0.0
         while self.step < end and not self.stop_requested:
             t_step = time.time()
@@ -743,19 +743,19 @@ class Trainer:
     def _do_eval(self, on_eval) -> EvalReport:
         rep = self.evaluate()
         record = {"event": "eval", "step": rep.step, "seconds": round(rep.seconds, 2),
-                  "ema": self.ema_model is not None, "levels": [asdict(l) for l in rep.levels]}
+                  "ema": self.ema_model is not None, "levels": [asdict(level) for level in rep.levels]}
         if self.ema_model is not None:  # the raw iterate too, so the average's gain stays visible
             raw = evaluate_codec(self.model, self.eval_images, step=self.step)
-            record["raw_levels"] = [asdict(l) for l in raw.levels]
+            record["raw_levels"] = [asdict(level) for level in raw.levels]
             rep.raw = raw
         self._log(record)
         if on_eval is not None:
             on_eval(rep)
         return rep
 
-    def _summarize(self, window: List[dict], sps: float) -> dict:
+    def _summarize(self, window: list[dict], sps: float) -> dict:
         n = len(window)
-        per_level: Dict[int, List[Tuple[float, float]]] = {}
+        per_level: dict[int, list[tuple[float, float]]] = {}
         for r in window:
             for lv, b, m in zip(r["levels"], r["sample_bpp"], r["sample_mse"]):
                 per_level.setdefault(lv, []).append((b, m))

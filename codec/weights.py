@@ -132,13 +132,13 @@ def build_z_tables(net: HyperpriorCodec, tail_mass: float = 1e-9) -> tuple[Frequ
     lo, hi = eb.support(tail_mass=tail_mass)
     tables = []
     for c in range(eb.channels):
-        l, h = int(lo[c]), int(hi[c])
-        if h - l > 4094:
-            mid = (l + h) // 2
-            l, h = mid - 2047, mid + 2047
-        pmf = eb.integer_pmf(l, h)[c].double().numpy()
+        low, high = int(lo[c]), int(hi[c])
+        if high - low > 4094:
+            mid = (low + high) // 2
+            low, high = mid - 2047, mid + 2047
+        pmf = eb.integer_pmf(low, high)[c].double().numpy()
         escape = max(0.0, 1.0 - float(pmf.sum()))
-        tables.append(FrequencyTable(l, quantize_masses(np.append(pmf, max(escape, 1e-12))), escape=True))
+        tables.append(FrequencyTable(low, quantize_masses(np.append(pmf, max(escape, 1e-12))), escape=True))
     return tuple(tables)
 
 
@@ -159,7 +159,8 @@ def _int_layer_tensors(prefix: str, layer: IntegerLayer) -> dict[str, torch.Tens
         f"{prefix}.scale": torch.from_numpy(layer.scale.astype(np.float64)),
         f"{prefix}.bias": torch.from_numpy(layer.bias.astype(np.float64)),
         f"{prefix}.config": torch.tensor(
-            [int(layer.transposed), layer.stride, layer.padding, layer.output_padding, int(layer.leaky)], dtype=torch.int64),
+            [int(layer.transposed), layer.stride, layer.padding, layer.output_padding, int(layer.leaky)],
+            dtype=torch.int64),
         f"{prefix}.out_step": torch.tensor([layer.out_step], dtype=torch.float64),
     }
 

@@ -52,11 +52,11 @@ def analyze(g_a: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *,
     parts = list(blocks(height, width))
     y = None
     for index, (top, left, bottom, right) in enumerate(parts):
-        t, l, b, r = _with_halo(top, left, bottom, right, height, width)
-        window = g_a(x[:, :, t * STRIDE:b * STRIDE, l * STRIDE:r * STRIDE])
+        t, lt, b, r = _with_halo(top, left, bottom, right, height, width)
+        window = g_a(x[:, :, t * STRIDE:b * STRIDE, lt * STRIDE:r * STRIDE])
         if y is None:
             y = torch.empty((1, window.shape[1], height, width), dtype=torch.float32)
-        y[:, :, top:bottom, left:right] = window[:, :, top - t:bottom - t, left - l:right - l]
+        y[:, :, top:bottom, left:right] = window[:, :, top - t:bottom - t, left - lt:right - lt]
         if progress:
             progress(index + 1, len(parts))
     return y
@@ -74,9 +74,9 @@ def synthesize(g_s: Callable[[torch.Tensor], torch.Tensor], y_hat: torch.Tensor,
     out = np.empty((h, w, 3), np.uint8)
     parts = [p for p in blocks(height, width) if p[0] * STRIDE < h and p[1] * STRIDE < w]
     for index, (top, left, bottom, right) in enumerate(parts):
-        t, l, b, r = _with_halo(top, left, bottom, right, height, width)
-        x_hat = g_s(y_hat[:, :, t:b, l:r])
-        y0, x0 = (top - t) * STRIDE, (left - l) * STRIDE
+        t, lt, b, r = _with_halo(top, left, bottom, right, height, width)
+        x_hat = g_s(y_hat[:, :, t:b, lt:r])
+        y0, x0 = (top - t) * STRIDE, (left - lt) * STRIDE
         rows, cols = min(bottom * STRIDE, h) - top * STRIDE, min(right * STRIDE, w) - left * STRIDE
         block = x_hat[0, :, y0:y0 + rows, x0:x0 + cols].clamp_(0, 1)
         out[top * STRIDE:top * STRIDE + rows, left * STRIDE:left * STRIDE + cols] = \

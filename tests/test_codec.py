@@ -15,8 +15,18 @@ import torch
 from PIL import Image
 
 import ncz.format as nf
-from ncz.codec import (CodecConfig, HyperpriorCodec, Pixels, SGASchedule, choose_quality, decode_section, encode_pixels, export_codec,
-                       load_codec, read_image)
+from ncz.codec import (
+    CodecConfig,
+    HyperpriorCodec,
+    Pixels,
+    SGASchedule,
+    choose_quality,
+    decode_section,
+    encode_pixels,
+    export_codec,
+    load_codec,
+    read_image,
+)
 from ncz.codec.image import write_image_section
 from ncz.format import entropy as E
 from ncz.tools.cli import main
@@ -80,7 +90,8 @@ def test_decode_identical_across_thread_counts_and_processes(weights, tmp_path):
     outs = []
     for threads in ("1", "3"):
         out = tmp_path / f"out{threads}.png"
-        subprocess.run([sys.executable, "-c", code, threads, "decode", str(enc), "-o", str(out), "--model", str(weights)],
+        subprocess.run([sys.executable, "-c", code, threads, "decode", str(enc), "-o", str(out),
+                        "--model", str(weights)],
                        check=True, env={**os.environ, "OMP_NUM_THREADS": threads})
         outs.append(np.asarray(Image.open(out)))
     assert np.array_equal(outs[0], outs[1])
@@ -315,7 +326,7 @@ def test_sga_float_hyper_synthesis_tracks_the_integer_one(trained_weights):
 def test_export_then_init_from_continues_the_same_model(tmp_path):
     """The session-to-session path: export weights + train state, then `train_codec --init-from` both.
     N, M and the λ levels come from the archive (not the CLI defaults) and every tensor is restored."""
-    from ncz.codec.train import Trainer, TrainConfig
+    from ncz.codec.train import TrainConfig, Trainer
     from ncz.tools import export_codec as export_tool
 
     data = tmp_path / "images"

@@ -352,7 +352,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
             fmt = format_for(f"x.{args.format}")
             for name, path in targets:
                 pixels = _decode_image(reader, name, runtime, args.max_pixels)
-                atomic_write(path, lambda h: write_image(pixels, h, fmt=fmt))
+                atomic_write(path, lambda h, pixels=pixels: write_image(pixels, h, fmt=fmt))
                 if args.verbose:
                     print(f"ncz: {_printable(name)} -> {path}", file=sys.stderr)
     if args.verbose:
@@ -440,9 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("decode", help="decompress images from an .ncz")
     p.add_argument("input", help="input .ncz (- for stdin)")
-    p.add_argument("-o", "--output", required=True, help="OUT.png/.jpg/.ppm/.bmp/.webp, a folder (one that exists, or a path without extension) "
+    p.add_argument("-o", "--output", required=True,
+                   help="OUT.png/.jpg/.ppm/.bmp/.webp, a folder (one that exists, or a path without extension) "
                         "for several images, - for stdout (PNG)")
-    p.add_argument("--format", default="png", choices=["png", "ppm", "bmp", "webp", "jpg"], help="format of files written into a folder")
+    p.add_argument("--format", default="png", choices=["png", "ppm", "bmp", "webp", "jpg"],
+                   help="format of files written into a folder")
     p.add_argument("--image", metavar="NAME", help="decode only the image section NAME (see ncz info)")
     p.add_argument("--max-pixels", type=int, metavar="N",
                    help="decode images of up to N pixels, all images of the file together "

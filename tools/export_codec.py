@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         # latest.pt keeps the moving average beside the trained weights; snapshots store what ships in "model"
         averaged = state.get("ema") if isinstance(state.get("ema"), dict) and not args.raw else None
         net.load_state_dict(averaged if averaged is not None else state["model"])
-        path = export_codec(net.eval(), args.output, _calibration(args.calibration, args.images), step=state.get("step"))
+        path = export_codec(net.eval(), args.output, _calibration(args.calibration, args.images),
+                            step=state.get("step"))
         if args.train_state is not None:
             from ncz.codec.weights import TRAIN_ONLY, WEIGHTS_RECIPE
             from ncz.models import pack

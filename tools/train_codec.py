@@ -34,14 +34,15 @@ import torch
 
 from ncz.codec.architectures import CHECKERBOARD_ARCH
 from ncz.codec.networks import DEFAULT_LAMBDAS, CodecConfig
-from ncz.codec.train import EvalReport, StepReport, Trainer, TrainConfig, add_checkerboard_context, add_levels
+from ncz.codec.train import EvalReport, StepReport, TrainConfig, Trainer, add_checkerboard_context, add_levels
 
 
 def _default_data_root() -> Path:
     # tools/ is mapped to ncz.tools; in an editable checkout the repo root is
     # its parent and shared/ sits beside the repo.
     here = Path(__file__).resolve().parent.parent
-    for cand in (here / ".." / "shared" / "data", Path.cwd() / ".." / "shared" / "data", Path.cwd() / "shared" / "data"):
+    for cand in (here / ".." / "shared" / "data", Path.cwd() / ".." / "shared" / "data",
+                 Path.cwd() / "shared" / "data"):
         if cand.is_dir():
             return cand.resolve()
     return (Path.cwd() / ".." / "shared" / "data")
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--crop", type=int, default=d.crop, help="square training crop size (multiple of 64)")
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--lr-drop", type=float, default=d.lr_drop, help="fraction of --steps after which lr ×= --lr-drop-factor")
+    p.add_argument("--lr-drop", type=float, default=d.lr_drop,
+                   help="fraction of --steps after which lr ×= --lr-drop-factor")
     p.add_argument("--lr-drop-factor", type=float, default=d.lr_drop_factor)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--clip-grad", type=float, default=d.clip_grad)
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fmt_eval(rep: EvalReport) -> str:
     def levels(r: EvalReport) -> str:
-        return " | ".join(f"q{l.level}: {l.bpp:.3f} bpp {l.psnr:.2f} dB" for l in r.levels)
+        return " | ".join(f"q{lv.level}: {lv.bpp:.3f} bpp {lv.psnr:.2f} dB" for lv in r.levels)
     text = f"[eval step {rep.step}, {rep.seconds:.0f}s{', EMA' if rep.raw else ''}] " + levels(rep)
     return text + (f"\n[eval step {rep.step}, raw] " + levels(rep.raw) if rep.raw else "")
 
@@ -131,7 +133,8 @@ def main(argv=None) -> int:
     if not 0.0 <= cfg.ema_decay < 1.0:
         print("error: --ema-decay must be in [0, 1)", file=sys.stderr)
         return 2
-    resume_path = Path(args.resume_from) if args.resume_from else (Path(args.out) / "latest.pt" if args.resume else None)
+    resume_path = (Path(args.resume_from) if args.resume_from
+                   else Path(args.out) / "latest.pt" if args.resume else None)
     model_config, resume_state = None, None
     if args.add_lambdas and resume_path is None:
         print("error: --add-lambdas needs --resume or --resume-from", file=sys.stderr)
@@ -185,7 +188,9 @@ def main(argv=None) -> int:
     mc = trainer.model_config
     print(f"{len(trainer.images)} training images, {len(trainer.eval_images)} eval images; "
           f"N={mc.N} M={mc.M} levels={len(mc.lambdas)} λ={list(mc.lambdas)}; device={device} "
-          f"threads={'auto:' if threads_auto else ''}{torch.get_num_threads() if not threads_auto else (threads or 'all')} bf16={cfg.bf16} channels_last={cfg.channels_last}", flush=True)
+          f"threads={'auto:' if threads_auto else ''}"
+          f"{torch.get_num_threads() if not threads_auto else (threads or 'all')} "
+          f"bf16={cfg.bf16} channels_last={cfg.channels_last}", flush=True)
 
     def _stop(signum, frame):
         trainer.stop_requested = True
