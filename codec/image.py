@@ -35,7 +35,7 @@ from .weights import CodecRuntime
 from .windows import STRIDE, WINDOW, blocks
 
 __all__ = ["LAYOUT", "DEFAULT_MAX_PIXELS", "ImageEncoder", "EncodedImage", "encode_pixels", "decode_section",
-           "verify_section", "write_image_section", "image_pixels"]
+           "verify_section", "decode_latents", "write_image_section", "image_pixels"]
 
 LAYOUT = 2  # FORMAT.md §5.3: one latent grid per image (layout 1 coded independent 1024-px tiles)
 PAD = 64
@@ -240,8 +240,9 @@ def _alpha(reader: Reader, name: str, h: int, w: int, where: str) -> np.ndarray 
     return data.astype(np.uint8).reshape(h, w)
 
 
-def _decode_latents(reader: Reader, name: str, runtime: CodecRuntime, max_pixels: int):
-    """Checked params, alpha and ŷ of an image section: everything but the synthesis transform."""
+def decode_latents(reader: Reader, name: str, runtime: CodecRuntime, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """``((width, height, channels, quality), alpha, ŷ)`` of an image section: everything but the
+    synthesis transform. ŷ (float64, (M, h, w)) is exact on every machine (integer networks)."""
     info = reader.info(name)
     where = f"{reader.name}: section {name!r}"
     if info.kind != Kind.IMAGE:
@@ -261,7 +262,7 @@ def _decode_latents(reader: Reader, name: str, runtime: CodecRuntime, max_pixels
 def verify_section(reader: Reader, name: str, runtime: CodecRuntime, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     """Entropy-decode every stream of image section ``name`` (and its alpha part) without synthesizing
     pixels: a stream that is truncated, padded or corrupt raises, as :func:`decode_section` would."""
-    _decode_latents(reader, name, runtime, max_pixels)
+    decode_latents(reader, name, runtime, max_pixels)
 
 
 @torch.no_grad()
@@ -269,7 +270,7 @@ def decode_section(reader: Reader, name: str, runtime: CodecRuntime,
                    progress: Callable[[int, int], None] | None = None, *,
                    max_pixels: int = DEFAULT_MAX_PIXELS) -> Pixels:
     """Pixels of image section ``name``; sections over ``max_pixels`` are refused before any decoding."""
-    (w, h, c, q), alpha, y_hat = _decode_latents(reader, name, runtime, max_pixels)
+    (w, h, c, q), alpha, y_hat = decode_latents(reader, name, runtime, max_pixels)
     rgb = runtime.synthesize_pixels(torch.from_numpy(y_hat.astype(np.float32))[None], q, (h, w), progress=progress)
     if c == 1:
         rgb = np.rint(rgb.astype(np.float32).mean(axis=2, keepdims=True)).astype(np.uint8)

@@ -35,7 +35,7 @@ from ncz.format import Writer, open_bytes
 
 from .api import image_names
 from .architectures import CHECKERBOARD_ARCH, HYPERPRIOR_ARCH, build_codec
-from .image import DEFAULT_MAX_PIXELS, _decode_latents, decode_section, write_image_section
+from .image import decode_latents, decode_section, write_image_section
 from .imageio import Pixels
 from .networks import CodecConfig, HyperpriorCodec
 from .weights import export_codec, load_codec
@@ -184,7 +184,7 @@ def decoded_image(data: bytes, folder: Path, name: str) -> dict[str, bytes]:
     out = {}
     with open_bytes(data, name=name) as reader:
         for section in image_names(reader):
-            _, _, y_hat = _decode_latents(reader, section, runtime, DEFAULT_MAX_PIXELS)
+            _, _, y_hat = decode_latents(reader, section, runtime)
             out[f"{section}/y_hat"] = np.ascontiguousarray(y_hat, dtype="<f8").tobytes()
     for section, pixels in decoded_pixels(data, folder, name).items():
         out[f"{section}/pixels"] = np.ascontiguousarray(pixels.rgb).tobytes()
