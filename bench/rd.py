@@ -17,7 +17,13 @@ decoded back, and the benchmark records, averaged over the images:
 
 Codecs and settings (recorded in the JSON under each codec's ``effort``):
 
-* ``ncz``: the codec's quality levels (default: every integer level of the model);
+* ``ncz``: the codec's quality levels (default: every integer level of the model),
+  with each encoder effort of ``--effort``: ``fast`` (the amortized encoder, codec
+  ``ncz``), ``sga`` (the tuned SGA schedule, ``SGASchedule.default()``, codec
+  ``ncz-sga``), ``sga:N`` (that schedule stretched to N iterations, ``ncz-sgaN``),
+  ``paper`` / ``paper:N`` (Yang, Bamler & Mandt 2020's schedule, 2,000 iterations
+  unless N is given, ``ncz-paperN``); each effort gets BD-rates against ``ncz``
+  from the real file sizes;
 * ``jpeg``: Pillow / libjpeg-turbo, 4:2:0, optimized Huffman tables;
 * ``webp``: Pillow / libwebp, method 4 (the default), 4:2:0 (lossy VP8);
 * ``avif``: Pillow's native AVIF (libavif + aom), speed 4, 4:4:4 (avifenc's
@@ -46,6 +52,8 @@ Usage (from the repository root)::
     python bench/rd.py --data ../shared/data/kodak --images 4 --qualities 0 2 4 --model W.ncz
     python bench/rd.py --data ../shared/data/kodak --markdown docs/RESULTS.md
     python bench/rd.py --from-json bench/results/rd_kodak.json --markdown docs/RESULTS.md  # re-render only
+    python bench/rd.py --images 4 --qualities 0 2 4 6 --codecs ncz --effort fast sga --json J  # SGA vs fast
+    python bench/rd.py --images 2 --qualities 0 2 4 6 --codecs ncz --effort paper --add-to J --json J
     python bench/rd.py --selftest                                    # MS-SSIM / BD-rate checks
 
 Writes ``bench/results/rd_kodak.json`` and ``bench/results/rd_kodak.png`` and
@@ -55,6 +63,7 @@ prints the JSON to stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -176,7 +185,10 @@ def mse_rgb(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def psnr_from_mse(mse: float, peak: float = 255.0) -> float:
-    return float("inf") if mse == 0 else 10.0 * math.log10(peak * peak / mse)
+    """PSNR of an 8-bit MSE: the project's one PSNR (``ncz.codec.train.psnr``) at peak 255."""
+    from ncz.codec.train import psnr
+
+    return psnr(mse, peak=peak)
 
 
 # --------------------------------------------------------------------------
@@ -253,7 +265,11 @@ class Measure:
         self.cpu = time.process_time() - self.cpu0
 
 
-def _pil_codec(name: str, threads: int) -> tuple[Callable[[np.ndarray, int], bytes], Callable[[bytes], np.ndarray], str, str]:
+Encoder = Callable[[np.ndarray, int], bytes]
+Decoder = Callable[[bytes], np.ndarray]
+
+
+def _pil_codec(name: str, threads: int) -> tuple[Encoder, Decoder, str, str]:
     """(encode(rgb, q) -> bytes, decode(bytes) -> rgb, effort description, library version)."""
     from PIL import Image
     from PIL import features as pil_features
@@ -283,7 +299,8 @@ def _pil_codec(name: str, threads: int) -> tuple[Callable[[np.ndarray, int], byt
             try:
                 import pillow_avif  # noqa: F401  (registers the plugin)
             except ImportError as exc:
-                raise RuntimeError("AVIF needs Pillow >= 11.3 built with libavif, or `pip install pillow-avif-plugin`") from exc
+                raise RuntimeError("AVIF needs Pillow >= 11.3 built with libavif, "
+                                   "or `pip install pillow-avif-plugin`") from exc
         from PIL import _avif  # type: ignore[attr-defined]
 
         versions = _avif.codec_versions() if hasattr(_avif, "codec_versions") else ""
@@ -298,7 +315,8 @@ def _pil_codec(name: str, threads: int) -> tuple[Callable[[np.ndarray, int], byt
             raise RuntimeError("JPEG XL needs `pip install pillow-jxl-plugin`") from exc
         JpegXLImagePlugin.DECODE_THREADS = threads
         return saver("JXL", effort=JXL_EFFORT, num_threads=threads), decode, \
-            f"effort {JXL_EFFORT} (default), lossy (VarDCT, XYB), bare codestream, num_threads {threads}", _jxl_version()
+            f"effort {JXL_EFFORT} (default), lossy (VarDCT, XYB), bare codestream, num_threads {threads}", \
+            _jxl_version()
     raise ValueError(name)
 
 
@@ -334,7 +352,9 @@ def _new_entry(effort: str, version: str) -> dict[str, Any]:
 
 
 def _append(entry: dict[str, Any], quality: float, rows: list[dict[str, float]]) -> None:
-    mean = lambda key: float(np.mean([r[key] for r in rows]))
+    def mean(key: str) -> float:
+        return float(np.mean([r[key] for r in rows]))
+
     mses = [r["mse"] for r in rows]
     entry["quality"].append(quality)
     entry["bpp"].append(mean("bpp"))
@@ -344,20 +364,32 @@ def _append(entry: dict[str, Any], quality: float, rows: list[dict[str, float]])
     entry["ms_ssim_db"].append(-10.0 * math.log10(max(1.0 - entry["ms_ssim"][-1], 1e-12)))
     for key in ("enc_s", "dec_s", "enc_cpu_s", "dec_cpu_s"):
         entry[key].append(mean(key))
-    entry["per_image"].append({k: [round(r[k], 6) for r in rows] for k in ("bpp", "psnr", "ms_ssim", "enc_s", "dec_s")})
+    entry["per_image"].append({k: [round(r[k], 6) if r[k] is not None and math.isfinite(r[k]) else None for r in rows]
+                               for k in PER_IMAGE})
+
+
+PER_IMAGE = ("bpp", "psnr", "ms_ssim", "enc_s", "dec_s", "enc_cpu_s", "dec_cpu_s")
 
 
 def _subset(entry: dict[str, Any], indices: list[int]) -> dict[str, Any]:
-    """``entry`` averaged over some of its images only (from ``per_image``; CPU seconds are not kept per image)."""
+    """``entry`` averaged over some of its images only (from ``per_image``; CPU seconds when they were kept)."""
     out = _new_entry(entry["effort"], entry["version"])
     for qi, q in enumerate(entry["quality"]):
         per = entry["per_image"][qi]
-        rows = [{**{k: per[k][i] for k in ("bpp", "psnr", "ms_ssim", "enc_s", "dec_s")},
-                 "mse": 10.0 ** (-per["psnr"][i] / 10.0) * 255.0 ** 2, "enc_cpu_s": math.nan, "dec_cpu_s": math.nan}
-                for i in indices]
+        rows = [{**{k: per[k][i] if k in per and per[k][i] is not None else math.nan for k in PER_IMAGE},
+                 "mse": 10.0 ** (-per["psnr"][i] / 10.0) * 255.0 ** 2} for i in indices]
         _append(out, q, rows)
-        out["enc_cpu_s"][-1] = out["dec_cpu_s"][-1] = None
+        for key in ("enc_cpu_s", "dec_cpu_s"):
+            if not math.isfinite(out[key][-1]):
+                out[key][-1] = None
     return out
+
+
+def _on_images(entry: dict[str, Any], names: list[str], wanted: list[str] | None) -> dict[str, Any]:
+    """``entry`` (measured on ``names``) averaged over the images ``wanted`` (None or the same: unchanged)."""
+    if wanted is None or wanted == names:
+        return entry
+    return _subset(entry, [names.index(n) for n in wanted])
 
 
 def _row(original: np.ndarray, decoded: np.ndarray, nbytes: int, enc: Measure, dec: Measure) -> dict[str, float]:
@@ -365,8 +397,9 @@ def _row(original: np.ndarray, decoded: np.ndarray, nbytes: int, enc: Measure, d
         raise RuntimeError(f"decoded shape {decoded.shape} != original {original.shape}")
     mse = mse_rgb(original, decoded)
     h, w = original.shape[:2]
-    return {"bpp": 8.0 * nbytes / (h * w), "mse": mse, "psnr": psnr_from_mse(mse), "ms_ssim": ms_ssim(original, decoded),
-            "enc_s": enc.wall, "dec_s": dec.wall, "enc_cpu_s": enc.cpu, "dec_cpu_s": dec.cpu}
+    return {"bpp": 8.0 * nbytes / (h * w), "mse": mse, "psnr": psnr_from_mse(mse),
+            "ms_ssim": ms_ssim(original, decoded), "enc_s": enc.wall, "dec_s": dec.wall, "enc_cpu_s": enc.cpu,
+            "dec_cpu_s": dec.cpu}
 
 
 def export_checkpoint(checkpoint: Path, output: Path, calibration_dir: Path, crops: int = 2) -> Path:
@@ -386,9 +419,10 @@ def export_checkpoint(checkpoint: Path, output: Path, calibration_dir: Path, cro
                         "--images", str(crops)]) != 0:
             raise SystemExit(f"{checkpoint}: export failed")
         return output
+    from PIL import Image
+
     from ncz.codec import CodecConfig, export_codec
     from ncz.codec.architectures import build_codec
-    from PIL import Image
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     net = build_codec(CodecConfig.from_dict(state["model_config"]))
@@ -409,9 +443,42 @@ def export_checkpoint(checkpoint: Path, output: Path, calibration_dir: Path, cro
     return export_codec(net.eval(), output, calibration, step=state.get("step"))
 
 
+def effort_schedule(effort: str, time_budget: float | None = None) -> tuple[str, Any]:
+    """(codec name, SGA schedule or None) of an ``--effort`` value: fast, sga, sga:N, paper, paper:N."""
+    from ncz.codec.refine import SGASchedule
+
+    kind, _, count = effort.partition(":")
+    if not (kind in ("fast", "sga", "paper") and (count == "" or (count.isdigit() and kind != "fast"))):
+        raise SystemExit(f"--effort {effort!r}: expected fast, sga, sga:N, paper or paper:N")
+    if kind == "fast":
+        return "ncz", None
+    if kind == "sga":
+        schedule = SGASchedule.default()
+        name = "ncz-sga"
+        if count:
+            schedule, name = dataclasses.replace(schedule, iterations=int(count)), f"ncz-sga{int(count)}"
+    else:
+        schedule = SGASchedule.paper(int(count)) if count else SGASchedule.paper()
+        name = f"ncz-paper{schedule.iterations}"
+    if time_budget is not None:
+        schedule, name = dataclasses.replace(schedule, time_budget=time_budget), f"{name}-{time_budget:g}s"
+    return name, schedule
+
+
+def describe_schedule(schedule: Any) -> str:
+    """One line on what an SGA schedule does."""
+    lr_end = schedule.lr * schedule.lr_end
+    return (f"SGA {schedule.iterations} iterations on {'y and z' if schedule.optimize_z else 'y (z from h_a)'}, "
+            f"Adam lr {schedule.lr:g}" + (f"→{lr_end:.2g} (cosine)" if schedule.lr_end < 1 else " constant")
+            + f", τ {schedule.tau_max:g} for {schedule.warmup:.0%} then →{schedule.tau_min:.3g} (exponential), "
+            f"{schedule.checks} coded-cost check{'s' if schedule.checks != 1 else ''}"
+            + (f", time budget {schedule.time_budget:g} s" if schedule.time_budget else ""))
+
+
 def run_ncz(images: list[tuple[str, np.ndarray]], model: Path, qualities: list[float] | None,
-            workdir: Path, sga_iterations: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
-    from ncz.codec import SGASchedule, decode_section, load_codec, write_image_section
+            workdir: Path, schedule: Any = None, label: str = "ncz") -> tuple[dict[str, Any], dict[str, Any]]:
+    from ncz.codec import decode_section, load_codec, write_image_section
+    from ncz.codec.image import LAYOUT
     from ncz.codec.imageio import Pixels
     from ncz.format import Writer
     from ncz.format import open as open_archive
@@ -428,12 +495,16 @@ def run_ncz(images: list[tuple[str, np.ndarray]], model: Path, qualities: list[f
                   "model_id": runtime.model_id, "train_steps": meta.get("train_steps"),
                   "sha256": runtime.weights_hash, "file_bytes": model.stat().st_size, "levels": levels,
                   "lambdas": list(runtime.config.lambdas), "load_s": round(load_t.wall, 3)}
-    sga = SGASchedule(sga_iterations) if sga_iterations else None
+    sga = schedule
     entry = _new_entry(f"model {runtime.model_id}, quality levels 0..{levels - 1} (fractional = gain interpolation), "
-                       f"torch threads {torch.get_num_threads()}, image layout {__import__('ncz.codec.image', fromlist=['LAYOUT']).LAYOUT}"
-                       + (f", SGA {sga.iterations} iterations (lr {sga.lr:g}, τ {sga.tau_max:g}→{sga.tau_min:g})"
-                          if sga else ", amortized encoder (no SGA)"),
+                       f"torch threads {torch.get_num_threads()}, image layout {LAYOUT}, "
+                       + (describe_schedule(sga) if sga else "amortized encoder (effort fast)"),
                        f"ncz {_lib_version('ncz')}, torch {torch.__version__}")
+    entry["image_names"] = [name for name, _ in images]
+    threads = torch.get_num_threads()
+    entry["schedule"] = (f"{describe_schedule(sga)}; {threads} thread{'s' if threads != 1 else ''}" if sga
+                         else "amortized")
+    entry["loadavg_start"] = _loadavg()
 
     # warm-up (not timed): first convolutions allocate and pick kernels
     warm = Pixels(images[0][1][:128, :128].copy())
@@ -455,8 +526,10 @@ def run_ncz(images: list[tuple[str, np.ndarray]], model: Path, qualities: list[f
             rows.append(_row(rgb, out, nbytes, enc, dec))
             path.unlink()
         _append(entry, float(q), rows)
-        log(f"  ncz{'-sga' if sga else ''} q={q:g}: {entry['bpp'][-1]:.4f} bpp, {entry['psnr'][-1]:.2f} dB, MS-SSIM {entry['ms_ssim'][-1]:.4f}, "
-            f"enc {entry['enc_s'][-1]:.2f} s, dec {entry['dec_s'][-1]:.2f} s")
+        log(f"  {label} q={q:g}: {entry['bpp'][-1]:.4f} bpp, {entry['psnr'][-1]:.2f} dB, "
+            f"MS-SSIM {entry['ms_ssim'][-1]:.4f}, enc {entry['enc_s'][-1]:.2f} s "
+            f"(CPU {entry['enc_cpu_s'][-1]:.2f}), dec {entry['dec_s'][-1]:.2f} s")
+    entry["loadavg_end"] = _loadavg()
     return entry, model_info
 
 
@@ -493,6 +566,7 @@ def machine_info(threads: int) -> dict[str, Any]:
     except OSError:
         pass
     info: dict[str, Any] = {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads,
+                            "env": {k: v for k, v in os.environ.items() if k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")},
                             "python": platform.python_version(), "platform": platform.platform(),
                             "torch": torch.__version__, "numpy": np.__version__, "pillow": _lib_version("pillow")}
     try:
@@ -516,13 +590,28 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    styles = {"ncz": ("C3", "o", 2.4), "ncz-sga": ("C4", "*", 2.4), "jpeg": ("C7", "s", 1.2), "webp": ("C2", "^", 1.2), "avif": ("C0", "D", 1.2),
+    styles = {"ncz": ("C3", "o", 2.4), "jpeg": ("C7", "s", 1.2), "webp": ("C2", "^", 1.2), "avif": ("C0", "D", 1.2),
               "jxl": ("C1", "v", 1.2)}
+    effort_styles = iter([("C4", "*"), ("C8", "P"), ("C9", "X"), ("C6", "h")])
+    curves = []
     for name, entry in result["codecs"].items():
-        color, marker, lw = styles.get(name, (None, ".", 1.2))
-        label = {"ncz": "ncz", "ncz-sga": "ncz + SGA"}.get(name, f"{name} ({entry['effort'].split(',')[0]})")
-        axes[0].plot(entry["bpp"], entry["psnr"], marker=marker, color=color, lw=lw, ms=4, label=label)
-        axes[1].plot(entry["bpp"], entry["ms_ssim_db"], marker=marker, color=color, lw=lw, ms=4, label=label)
+        if name.startswith("ncz-"):
+            color, marker = next(effort_styles, (None, "*"))
+            wanted = entry.get("image_names")
+            if wanted and wanted != result["image_names"]:  # measured on fewer images: draw ncz on those too
+                own = f" ({', '.join(wanted)})"
+                curves.append((_on_images(result["codecs"]["ncz"], result["image_names"], wanted), f"ncz{own}",
+                               ("C3", "o", 1.2, ":")))
+            else:
+                own = ""
+            curves.append((entry, f"{name}{own}", (color, marker, 2.4, "-")))
+        else:
+            color, marker, lw = styles.get(name, (None, ".", 1.2))
+            curves.append((entry, name if name == "ncz" else f"{name} ({entry['effort'].split(',')[0]})",
+                           (color, marker, lw, "-")))
+    for entry, label, (color, marker, lw, ls) in curves:
+        axes[0].plot(entry["bpp"], entry["psnr"], marker=marker, color=color, lw=lw, ls=ls, ms=4, label=label)
+        axes[1].plot(entry["bpp"], entry["ms_ssim_db"], marker=marker, color=color, lw=lw, ls=ls, ms=4, label=label)
     for i, (name, ref) in enumerate(result.get("published", {}).items()):
         axes[0].plot(ref["bpp"], ref["psnr"], ls="--", marker=".", color=f"C{5 + i}", lw=1.2, ms=4,
                      label=f"{name} (published)")
@@ -564,11 +653,14 @@ def markdown(result: dict[str, Any], plot_path: Path, md_path: Path) -> str:
     machine = result["machine"]
     model = result.get("model")
     rel_plot = os.path.relpath(plot_path, md_path.parent)
-    lines = ["# Rate-distortion results (Kodak)", "",
+    title = "Rate-distortion results (Kodak)" + (": encoder efforts" if result.get("bd_rate_effort_vs") else "")
+    lines = [f"# {title}", "",
              "<!-- generated by bench/rd.py; do not edit by hand -->", "",
-             f"Regenerate: `{result['command']}`", "",
-             *([f"This is a reduced run. The full benchmark (all Kodak images, every quality level, shipped weights): "
-                f"`python bench/rd.py --data {result.get('dataset', '../shared/data/kodak')} --markdown docs/RESULTS.md`", ""]
+             f"Regenerate: `{result['command']}`"
+             + "".join(f", then `{added['command']}`" for added in result.get("added", [])), "",
+             *(["This is a reduced run. The full benchmark (all Kodak images, every quality level, shipped weights): "
+                f"`python bench/rd.py --data {result.get('dataset', '../shared/data/kodak')} "
+                "--markdown docs/RESULTS.md`", ""]
                if result["images"] < 24 else []),
              f"Generated {result['date']} in {result['runtime_s']:.0f} s; "
              f"{result['images']} Kodak image{'s' if result['images'] != 1 else ''} "
@@ -576,8 +668,10 @@ def markdown(result: dict[str, Any], plot_path: Path, md_path: Path) -> str:
              "## Model", "", *_model_lines(model), "",
              "## Machine", "",
              f"- {machine['cpu']}, {machine['logical_cpus']} logical CPUs, {machine.get('mem_gib', '?')} GiB; "
-             f"{machine['threads']} threads per codec",
-             f"- Python {machine['python']}, torch {machine['torch']}, Pillow {machine['pillow']}; {machine['platform']}",
+             f"{machine['threads']} threads per codec"
+             + "".join(f", {k}={v}" for k, v in machine.get("env", {}).items()),
+             f"- Python {machine['python']}, torch {machine['torch']}, Pillow {machine['pillow']}; "
+             f"{machine['platform']}",
              f"- load average at start / end: {result.get('loadavg_start')} / {result.get('loadavg_end')} "
              "(times are wall seconds per image and grow with other load on the machine; CPU seconds are in the JSON)",
              "", "## BD-rate of ncz (PSNR-RGB, PCHIP in log-rate, overlapping PSNR range only)", "",
@@ -590,11 +684,26 @@ def markdown(result: dict[str, Any], plot_path: Path, md_path: Path) -> str:
         lines.append(f"| {name} | {_fmt(bd, 1)}{'%' if bd is not None else ''} | {_fmt(cubic, 1)}"
                      f"{'%' if cubic is not None else ''} | "
                      f"{f'{ov[0]:.2f}–{ov[1]:.2f}' if ov else 'none'} | {detail.get('note', '')} |")
-    if result.get("bd_rate_sga_vs"):
-        lines += ["", "With SGA latent refinement at encode time (`ncz encode --sga N`, codec `ncz-sga` below):", "",
-                  "| ncz + SGA vs | BD-rate (PCHIP) |", "| --- | ---: |"]
-        for name, bd in result["bd_rate_sga_vs"].items():
-            lines.append(f"| {name} | {_fmt(bd, 1)}{'%' if bd is not None else ''} |")
+    efforts = result.get("bd_rate_effort_vs") or {}
+    if efforts:
+        others = [n for n in OTHER_CODECS if n in result["codecs"]]
+        lines += ["", "## Encoder effort (SGA latent refinement at encode time)", "",
+                  "BD-rate of each slower encoder against the amortized one (`ncz`, effort fast) from the real file "
+                  "sizes, on the images it was measured on; seconds are per image and quality, averaged (encode "
+                  "only: the decoder is the same).", "",
+                  "| " + " | ".join(["codec", "schedule", "images", "enc s/image (wall)", "enc CPU s/image",
+                                     "load avg during", "BD-rate vs ncz", *(f"vs {n}" for n in others)]) + " |",
+                  "| --- | --- | --- | ---: | ---: | --- | "
+                  + " | ".join("---:" for _ in range(len(others) + 1)) + " |"]
+        for key, vs in efforts.items():
+            entry = result["codecs"][key]
+            cpu = [v for v in entry["enc_cpu_s"] if v is not None]
+            load = f"{entry.get('loadavg_start')} → {entry.get('loadavg_end')}" if entry.get("loadavg_start") else "–"
+            schedule = entry.get("schedule", entry["effort"])
+            names = ", ".join(entry.get("image_names") or result["image_names"])
+            lines.append(f"| {key} | {schedule} | {names} | {float(np.mean(entry['enc_s'])):.1f} | "
+                         f"{_fmt(float(np.mean(cpu)) if cpu else None, 1)} | {load} | "
+                         + " | ".join(f"{_fmt(vs.get(n), 1)}%" for n in ("ncz", *others)) + " |")
     published = result.get("published", {})
     if published:
         measured = [n for n in OTHER_CODECS if n in result["codecs"]]
@@ -615,13 +724,16 @@ def markdown(result: dict[str, Any], plot_path: Path, md_path: Path) -> str:
         lines.append(f"- **{name}**: {entry['effort']}; {entry['version']}")
     lines += ["", "bpp counts the whole file (ncz: the complete `.ncz` container). PSNR is on 8-bit RGB, the mean of "
               "per-image PSNRs (the JSON also has the PSNR of the mean MSE). MS-SSIM: 5 scales, Gaussian 11/σ 1.5, "
-              "Wang et al. 2003 weights, per RGB channel and averaged. Times: mean seconds per image, wall and CPU (all threads of the process).", ""]
+              "Wang et al. 2003 weights, per RGB channel and averaged. Times: mean seconds per image, wall and CPU "
+              "(all threads of the process).", ""]
     for name, entry in result["codecs"].items():
         lines += [f"### {name}", "",
-                  "| quality | bpp | PSNR (dB) | PSNR of mean MSE | MS-SSIM | enc (s) | dec (s) | enc CPU (s) | dec CPU (s) |",
+                  "| quality | bpp | PSNR (dB) | PSNR of mean MSE | MS-SSIM | enc (s) | dec (s) | enc CPU (s) "
+                  "| dec CPU (s) |",
                   "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for i, q in enumerate(entry["quality"]):
-            lines.append(f"| {q:g} | {entry['bpp'][i]:.4f} | {entry['psnr'][i]:.2f} | {entry['psnr_of_mean_mse'][i]:.2f} | "
+            lines.append(f"| {q:g} | {entry['bpp'][i]:.4f} | {entry['psnr'][i]:.2f} | "
+                         f"{entry['psnr_of_mean_mse'][i]:.2f} | "
                          f"{entry['ms_ssim'][i]:.4f} | {entry['enc_s'][i]:.3f} | {entry['dec_s'][i]:.3f} | "
                          f"{_fmt(entry['enc_cpu_s'][i], 3)} | {_fmt(entry['dec_cpu_s'][i], 3)} |")
         lines.append("")
@@ -666,7 +778,9 @@ def selftest() -> int:
     try:  # optional cross-check against an independent implementation
         from pytorch_msssim import ms_ssim as ref_ms_ssim
 
-        t = lambda a: torch.from_numpy(a.astype(np.float64)).permute(2, 0, 1)[None]
+        def t(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a.astype(np.float64)).permute(2, 0, 1)[None]
+
         ref = float(ref_ms_ssim(t(img), t(noisy), data_range=255.0, size_average=True))
         ours = ms_ssim(img, noisy, dtype=torch.float64)
         assert abs(ref - ours) < 1e-6, (ref, ours)
@@ -717,20 +831,40 @@ def compute_bd(result: dict[str, Any]) -> None:
         result["bd_rate_detail_cubic"][name] = bd_rate(other["bpp"], other["psnr"], ncz_entry["bpp"],
                                                        ncz_entry["psnr"], "cubic")
     for ref in result.get("published", {}).values():
-        ref["bd_rate_of_ncz"] = bd_rate(ref["bpp"], ref["psnr"], ncz_entry["bpp"], ncz_entry["psnr"], "pchip")["bd_rate"]
+        ref["bd_rate_of_ncz"] = bd_rate(ref["bpp"], ref["psnr"], ncz_entry["bpp"], ncz_entry["psnr"],
+                                        "pchip")["bd_rate"]
         ref["bd_rate_vs"] = {name: bd_rate(result["codecs"][name]["bpp"], result["codecs"][name]["psnr"],
                                            ref["bpp"], ref["psnr"], "pchip")["bd_rate"]
                              for name in OTHER_CODECS if name in result["codecs"]}
-        ref["psnr_gap_db"] = {f"{b:g}": _psnr_at(ref, b) - _psnr_at(ncz_entry, b) for b in GAP_BPP
-                              if max(ref["bpp"][0], ncz_entry["bpp"][0]) <= b <= min(ref["bpp"][-1], ncz_entry["bpp"][-1])}
-    sga_entry = result["codecs"].get("ncz-sga")
-    if sga_entry is not None:  # the same BD-rates for the SGA encoder, and against ncz's amortized encoder
-        result["bd_rate_sga_vs"] = {}
+        lo, hi = max(ref["bpp"][0], ncz_entry["bpp"][0]), min(ref["bpp"][-1], ncz_entry["bpp"][-1])
+        ref["psnr_gap_db"] = {f"{b:g}": _psnr_at(ref, b) - _psnr_at(ncz_entry, b) for b in GAP_BPP if lo <= b <= hi}
+    # each slower encoder effort against the amortized encoder (and the others), on the images it was measured on
+    result.pop("bd_rate_sga_vs", None)
+    result["bd_rate_effort_vs"] = {}
+    for key, entry in result["codecs"].items():
+        if not key.startswith("ncz-"):
+            continue
+        wanted = entry.get("image_names")
+        result["bd_rate_effort_vs"][key] = {}
         for name in ("ncz", *OTHER_CODECS):
             other = result["codecs"].get(name)
             if other is not None:
-                result["bd_rate_sga_vs"][name] = bd_rate(other["bpp"], other["psnr"], sga_entry["bpp"],
-                                                         sga_entry["psnr"], "pchip")["bd_rate"]
+                other = _on_images(other, result["image_names"], wanted)
+                result["bd_rate_effort_vs"][key][name] = bd_rate(other["bpp"], other["psnr"], entry["bpp"],
+                                                                 entry["psnr"], "pchip")["bd_rate"]
+
+
+def _add_to(earlier: dict[str, Any], run: dict[str, Any], where: str, runtime_s: float) -> dict[str, Any]:
+    """``earlier`` with this run's ncz efforts added (same weights; its images or some of them)."""
+    if run.get("model", {}).get("sha256") != earlier.get("model", {}).get("sha256"):
+        raise SystemExit(f"{where}: measured with other codec weights than this run")
+    if not set(run["image_names"]) <= set(earlier["image_names"]):
+        raise SystemExit(f"{where}: this run's images are not among its images")
+    for codec, entry in run["codecs"].items():
+        earlier["codecs"][codec] = entry
+    earlier.setdefault("added", []).append({"command": run["command"], "date": run["date"], "runtime_s": runtime_s,
+                                            "codecs": list(run["codecs"]), "image_names": run["image_names"]})
+    return earlier
 
 
 def _command_line(argv: list[str]) -> str:
@@ -748,9 +882,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=None, help="use only the first N images (sorted by name)")
     p.add_argument("--qualities", type=float, nargs="+", default=None,
                    help="ncz quality values (default: every integer level of the model)")
-    p.add_argument("--codecs", nargs="+", default=["ncz", *OTHER_CODECS], choices=["ncz", "ncz-sga", *OTHER_CODECS],
-                   help="ncz-sga (not run by default: minutes per image) encodes with --sga-iterations of SGA")
-    p.add_argument("--sga-iterations", type=int, default=100, help="SGA iterations for the ncz-sga codec")
+    p.add_argument("--codecs", nargs="+", default=["ncz", *OTHER_CODECS], choices=["ncz", *OTHER_CODECS])
+    p.add_argument("--effort", nargs="+", default=["fast"], metavar="EFFORT",
+                   help="ncz encoder efforts to measure: fast (amortized), sga (SGASchedule.default()), sga:N "
+                        "(that schedule with N iterations), paper or paper:N (Yang et al. 2020, 2000 iterations "
+                        "unless N); the SGA ones take minutes per image")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="time budget per image for the SGA efforts (SGASchedule.time_budget)")
+    p.add_argument("--add-to", default=None, metavar="JSON",
+                   help="add this run's ncz efforts to an earlier result (e.g. a slow effort on fewer of its "
+                        "images: BD-rates then use the earlier results of the same images)")
     for name in OTHER_CODECS:
         p.add_argument(f"--{name}-qualities", type=int, nargs="+", default=SWEEPS[name], help=f"{name} quality sweep")
     p.add_argument("--threads", type=int, default=2, help="threads per codec (torch, aom, libjxl)")
@@ -758,7 +899,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=str(DEFAULT_PLOT), help="output PNG")
     p.add_argument("--markdown", default=None, help="also write this Markdown page (e.g. docs/RESULTS.md)")
     p.add_argument("--from-json", default=None,
-                   help="skip the measurements: recompute BD-rates and re-render --json / --plot / --markdown from this JSON")
+                   help="skip the measurements: recompute BD-rates and re-render --json / --plot / --markdown "
+                        "from this JSON")
     p.add_argument("--baselines-from", default=None,
                    help="take the other codecs' measurements from this earlier JSON (same images, or a superset: "
                         "its per-image numbers are averaged over ours) instead of re-running them: the model "
@@ -786,6 +928,9 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.markdown).write_text(markdown(result, plot_path, Path(args.markdown)))
         return 0
 
+    if args.add_to and set(args.codecs) != {"ncz"}:
+        raise SystemExit("--add-to adds ncz efforts only: pass --codecs ncz")
+    efforts = [effort_schedule(e, args.time_budget) for e in args.effort] if "ncz" in args.codecs else []
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     load_start = _loadavg()
@@ -802,7 +947,8 @@ def main(argv: list[str] | None = None) -> int:
             images.append((f.stem, np.asarray(im.convert("RGB")).copy()))
     log(f"rd: {len(images)} images from {args.data}, codecs {' '.join(args.codecs)}, {args.threads} threads")
 
-    result: dict[str, Any] = {"command": _command_line(argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    result: dict[str, Any] = {"command": _command_line(argv),
+                              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                               "images": len(images), "image_names": [n for n, _ in images],
                               "dataset": os.path.relpath(Path(args.data).resolve(), REPO), "codecs": {}}
     model_path = Path(args.model) if args.model else None
@@ -810,9 +956,7 @@ def main(argv: list[str] | None = None) -> int:
         from ncz.codec import default_weights_path
 
         model_path = default_weights_path()
-    for codec in ("ncz", "ncz-sga"):
-        if codec not in args.codecs:
-            continue
+    for codec, schedule in efforts:
         if not model_path.exists():
             raise SystemExit(f"{model_path}: codec weights not found (train and export them, or pass --model)")
         log(f"rd: {codec}")
@@ -821,8 +965,7 @@ def main(argv: list[str] | None = None) -> int:
             if model_path.suffix == ".pt":
                 source = model_path
                 model_path = export_checkpoint(model_path, Path(tmp) / "exported.ncz", Path(args.calibration))
-            entry, model_info = run_ncz(images, model_path, args.qualities, Path(tmp),
-                                        sga_iterations=args.sga_iterations if codec == "ncz-sga" else 0)
+            entry, model_info = run_ncz(images, model_path, args.qualities, Path(tmp), schedule=schedule, label=codec)
             if source is not None:
                 resolved = source.resolve()
                 model_info["path"] = str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(resolved)
@@ -848,11 +991,15 @@ def main(argv: list[str] | None = None) -> int:
             log(f"rd: {name}")
             result["codecs"][name] = run_pil(name, images, getattr(args, f"{name}_qualities"), args.threads)
 
+    if args.add_to:
+        result = _add_to(json.loads(Path(args.add_to).read_text()), result, args.add_to,
+                         round(time.perf_counter() - t0, 1))
+    else:
+        result["machine"] = machine_info(args.threads)
+        result["loadavg_start"], result["loadavg_end"] = load_start, _loadavg()
+        result["runtime_s"] = round(time.perf_counter() - t0, 1)
     result["published"] = load_published(args.published)
     compute_bd(result)
-    result["machine"] = machine_info(args.threads)
-    result["loadavg_start"], result["loadavg_end"] = load_start, _loadavg()
-    result["runtime_s"] = round(time.perf_counter() - t0, 1)
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1))
