@@ -25,11 +25,16 @@ inside the relaxed categorical); at large τ a soft average, as ``τ → 0`` har
 rounding to the nearer integer. y is relaxed around the mean, as the coder
 quantizes it (``round(y − μ) + μ``).
 
-h_s inside the loop is a float surrogate of the integer h_s that the coder
-uses (the same integer weights times their scales, without the
+The default schedule (:meth:`SGASchedule.default`, tuned in docs/CODEC.md)
+refines y only: z stays h_a's, so μ and σ are the exact coded ones from the
+integer h_s, computed once; with y and z together, as in the paper
+(:meth:`SGASchedule.paper`), h_s inside the loop is a float surrogate of the
+integer h_s (the same integer weights times their scales, without the
 requantization), so the means and scales the optimizer sees are the coded
-ones up to the activation steps. g_s runs in bfloat16 with a hand-written
-backward for its inverse GDNs (see :class:`_GradientSynthesis`).
+ones up to the activation steps. The step size decays (cosine) while τ
+anneals: with noisy gradients Adam's normalized steps otherwise random-walk
+the latents away from what the annealing found. g_s runs in bfloat16 with a
+hand-written backward for its inverse GDNs (see :class:`_GradientSynthesis`).
 
 Every decision is taken on what the file will hold: latents are *evaluated*
 by coding them with the architecture's latent coder (real payload bytes) and
@@ -37,6 +42,8 @@ reconstructing the 8-bit pixels a decoder will show, at the start (g_a's
 latents), at a few points of the annealing phase and at the end; the best of
 those is returned. So a refinement never returns latents that code worse than
 g_a's, and a time budget can stop it at any point with the best latents so far.
+With checkerboard weights the loop's rate is the hyperprior's (no context
+term), while the evaluations use the checkerboard coder.
 
 Encoder output is deterministic for given weights, image, quality, schedule
 and torch thread count (seeded noise), unless a time budget cuts the schedule
@@ -51,6 +58,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -274,30 +282,36 @@ class _GradientSynthesis:
 
     def __init__(self, g_s: torch.nn.Module, device: torch.device, bf16: bool):
         self.g_s, self.device, self.bf16 = g_s, device, bf16
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        self.dtype = dtype
-        self.steps: list[tuple[str, Tensor, Tensor]] | None = []
+        self.dtype = dtype = torch.bfloat16 if bf16 else torch.float32
+        self.layers: list[Callable[[Tensor], Tensor]] | None = []
         for layer in g_s:
             if isinstance(layer, SubpixelDeconv):
                 weight = layer.conv.weight.detach().to(dtype).contiguous(memory_format=torch.channels_last)
-                self.steps.append(("subpixel", weight, layer.conv.bias.detach().to(dtype)))
+                self.layers.append(partial(_subpixel, weight=weight, bias=layer.conv.bias.detach().to(dtype)))
             elif getattr(layer, "inverse", False) is True and hasattr(layer, "gamma") and hasattr(layer, "beta"):
-                self.steps.append(("igdn", layer.gamma.detach().to(dtype), layer.beta.detach().to(dtype)))
+                self.layers.append(partial(_inverse_gdn, gamma=layer.gamma.detach().to(dtype),
+                                           beta=layer.beta.detach().to(dtype)))
             else:
-                self.steps = None
+                self.layers = None
                 break
 
     def __call__(self, y: Tensor) -> Tensor:
-        if self.steps is None:
+        if self.layers is None:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 return self.g_s(y.contiguous(memory_format=torch.channels_last)).float()
         a = y.to(self.dtype).contiguous(memory_format=torch.channels_last)
-        for kind, weight, bias in self.steps:
-            if kind == "subpixel":
-                a = F.pixel_shuffle(F.conv2d(a, weight, bias, padding=1), 2)
-            else:
-                a = _InverseGDN.apply(a, weight, bias)
+        for layer in self.layers:
+            a = layer(a)
         return a.float()
+
+
+def _inverse_gdn(a: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    return _InverseGDN.apply(a, gamma, beta)
+
+
+def _subpixel(a: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """A :class:`~ncz.codec.networks.SubpixelDeconv`: 3×3 convolution to 4× the channels, pixel shuffle."""
+    return F.pixel_shuffle(F.conv2d(a, weight, bias, padding=1), 2)
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -434,8 +448,8 @@ def refine_latents(runtime: CodecRuntime, x: Tensor, size: tuple[int, int], qual
         optimizer.step()
         step += 1
         step_seconds = time.perf_counter() - step_start
-        while checks and fraction >= checks[0]:
-            checks.pop(0)
+        if checks and fraction >= checks[0]:  # a time budget may cross several at once: one evaluation
+            checks = [point for point in checks if point > fraction]
             evaluated_at = time.perf_counter()
             consider(evaluate(y, z, step))
             evaluation_seconds = time.perf_counter() - evaluated_at

@@ -107,6 +107,7 @@ def test_time_budget_stops_early_and_keeps_the_best(tiny):
     assert elapsed < 1.5 + 1.5  # slack for one step and one evaluation on a loaded machine
     steps = [step for step, _ in result.evaluations]
     assert steps[0] == 0 and steps[-1] == result.steps and len(steps) >= 3
+    assert steps == sorted(set(steps))  # checks crossed together are one evaluation
     assert result.evaluations[0][1] == result.loss_before
     assert result.loss_after == min(loss for _, loss in result.evaluations) <= result.loss_before
 
@@ -184,3 +185,22 @@ def test_cuda_refinement_codes_an_ordinary_file(tiny):
     decoded, payload = _decode_refined(tiny, Pixels(rgb), 1.0, result)
     assert result.bpp == 8.0 * payload / (64 * 96)
     assert np.abs(decoded.astype(int) - result.pixels.astype(int)).max() <= 1  # CUDA vs CPU g_s rounding
+
+
+def test_loop_synthesis_has_the_coding_synthesis_gradients(tiny):
+    """The loop's g_s (bfloat16, hand-written inverse-GDN backward) against autograd through the coding g_s."""
+    from ncz.codec.refine import _GradientSynthesis
+
+    torch.manual_seed(3)
+    y = torch.randn(1, 24, 6, 8) * 3
+    reference = y.clone().requires_grad_(True)
+    expected = tiny.g_s(reference.contiguous(memory_format=torch.channels_last))
+    expected.square().mean().backward()
+    for bf16, tolerance in ((False, 1e-5), (True, 0.02)):
+        synthesis = _GradientSynthesis(tiny.g_s, torch.device("cpu"), bf16)
+        assert synthesis.layers is not None  # the layout was recognized, not the autocast fallback
+        variable = y.clone().requires_grad_(True)
+        out = synthesis(variable)
+        out.square().mean().backward()
+        assert (out - expected).norm() < tolerance * expected.norm()
+        assert (variable.grad - reference.grad).norm() < tolerance * reference.grad.norm()
