@@ -637,6 +637,10 @@ def _fmt(v: Any, digits: int) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def _percent(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f}%"
+
+
 def _model_lines(model: dict[str, Any] | None) -> list[str]:
     if not model:
         return ["- ncz was not part of this run"]
@@ -703,7 +707,7 @@ def markdown(result: dict[str, Any], plot_path: Path, md_path: Path) -> str:
             names = ", ".join(entry.get("image_names") or result["image_names"])
             lines.append(f"| {key} | {schedule} | {names} | {float(np.mean(entry['enc_s'])):.1f} | "
                          f"{_fmt(float(np.mean(cpu)) if cpu else None, 1)} | {load} | "
-                         + " | ".join(f"{_fmt(vs.get(n), 1)}%" for n in ("ncz", *others)) + " |")
+                         + " | ".join(_percent(vs.get(n)) for n in ("ncz", *others)) + " |")
     published = result.get("published", {})
     if published:
         measured = [n for n in OTHER_CODECS if n in result["codecs"]]

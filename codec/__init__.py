@@ -19,7 +19,7 @@ from .image import ImageEncoder, decode_section, encode_pixels, verify_section, 
 from .imageio import Pixels, read_image, write_image
 from .networks import CodecConfig, HyperpriorCodec
 from .rate import choose_quality
-from .refine import RefineResult, SGASchedule, refine_latents
+from .refine import RefineResult, SGAProgress, SGASchedule, refine_latents
 from .weights import CodecRuntime, default_weights_path, export_codec, load_codec
 
 _pillow_plugin.register()
@@ -46,6 +46,7 @@ __all__ = [
     "decode_section",
     "choose_quality",
     "SGASchedule",
+    "SGAProgress",
     "RefineResult",
     "refine_latents",
 ]

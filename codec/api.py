@@ -30,13 +30,15 @@ from ncz.format import InputError, Kind, Reader, UsageError, Writer, open_bytes
 from .image import DEFAULT_MAX_PIXELS, EncodedImage, ImageEncoder, decode_section, write_image_section
 from .imageio import Pixels, pixels_of
 from .rate import choose_quality
-from .refine import SGASchedule
+from .refine import SGAProgress, SGASchedule
 from .weights import CodecRuntime, load_codec
 
 __all__ = ["encode", "decode", "encode_images", "decode_images", "image_names", "section_name"]
 
 #: ``progress(label, done, total)``: SGA iterations of the image ``label``
 Progress = Callable[[str, int, int], None]
+#: ``report(label, step)``: every SGA iteration of the image ``label``, with its loss, bpp and PSNR
+Report = Callable[[str, SGAProgress], None]
 
 
 def section_name(label: str, used: set[str]) -> str:
@@ -58,11 +60,13 @@ def _runtime(runtime: CodecRuntime | str | os.PathLike | None) -> CodecRuntime:
 
 def encode_images(images: Sequence[tuple[str, Pixels]], *, runtime: CodecRuntime | str | None = None,
                   quality: float | None = None, bpp: float | None = None, size: int | None = None,
-                  sga: SGASchedule | None = None, progress: Progress | None = None) -> bytes:
+                  sga: SGASchedule | None = None, progress: Progress | None = None,
+                  report: Report | None = None) -> bytes:
     """An archive of ``images`` (label, pixels) at one ``quality`` (default: the middle of the
     model's range) or within a whole-file budget (``bpp`` bits per pixel or ``size`` bytes; the
     lowest quality is used where even that does not fit). ``sga`` refines the latents (slow;
-    :mod:`ncz.codec.refine`); ``runtime``: weights (default: ``$NCZ_CODEC_WEIGHTS`` or the shipped ones)."""
+    :mod:`ncz.codec.refine`; a ``time_budget`` is per image), ``progress``/``report`` follow it;
+    ``runtime``: weights (default: ``$NCZ_CODEC_WEIGHTS`` or the shipped ones)."""
     runtime = _runtime(runtime)
     top = runtime.config.num_levels - 1
     if sum(v is not None for v in (quality, bpp, size)) > 1:
@@ -107,7 +111,8 @@ def encode_images(images: Sequence[tuple[str, Pixels]], *, runtime: CodecRuntime
     refined = []
     for (label, _), encoder, plain, q in zip(images, encoders, coded, qualities):
         step = (lambda done, total, label=label: progress(label, done, total)) if progress else None
-        candidate = encoder.encode(q, sga=sga, progress=step)
+        told = (lambda state, label=label: report(label, state)) if report else None
+        candidate = encoder.encode(q, sga=sga, progress=step, report=told)
         fits = payload_bits is None or 8 * len(candidate.payload) <= share(encoder.pixels, payload_bits)
         refined.append(candidate if fits else plain)  # SGA may trade rate for distortion: keep the promise
     data_refined = build(refined)

@@ -19,6 +19,7 @@ Alpha: part ``#alpha`` (uint8 [h, w]).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from ncz.format import Codec, DensityError, InputError, Kind, Reader, SectionInf
 
 from .imageio import MAX_PIXELS, MAX_SIDE, Pixels
 from .latents import LatentShape
-from .refine import SGASchedule, refine_latents
+from .refine import SGAProgress, SGASchedule, refine_latents
 from .weights import CodecRuntime
 from .windows import STRIDE, WINDOW, blocks
 
@@ -104,14 +105,16 @@ class ImageEncoder:
             return y, self.runtime.net.hyper_analysis(y)
 
     def encode(self, quality: float, *, sga: SGASchedule | None = None,
-               progress: Callable[[int, int], None] | None = None) -> EncodedImage:
-        """Params and payload at ``quality``; ``sga`` refines the latents first (:mod:`.refine`)."""
+               progress: Callable[[int, int], None] | None = None,
+               report: Callable[[SGAProgress], None] | None = None) -> EncodedImage:
+        """Params and payload at ``quality``; ``sga`` refines the latents first (:mod:`.refine`;
+        ``report`` gets its :class:`~ncz.codec.refine.SGAProgress` every iteration)."""
         quality = self._check_quality(quality)
         refined = None
         if sga is None:
             y, z = self.latents(quality)
         else:
-            y, z, refined = self._refine(quality, sga, progress)
+            y, z, refined = self._refine(quality, sga, progress, report)
         coded = self.runtime.latents.encode(y[0].numpy(), z[0].numpy())
         pixels = self.pixels
         params = {"width": pixels.width, "height": pixels.height, "channels": pixels.channels,
@@ -119,22 +122,34 @@ class ImageEncoder:
                   "streams": [len(s) for s in coded.streams]}
         return EncodedImage(params, b"".join(coded.streams), refined)
 
-    def _refine(self, quality: float, sga: SGASchedule, progress) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def _refine(self, quality: float, sga: SGASchedule, progress, report) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """SGA per block of the latent grid (one block up to 1024 px a side): each block's latents are
-        refined against its own pixels; g_a's latents stay where refinement did not pay."""
+        refined against its own pixels; g_a's latents stay where refinement did not pay. A time
+        budget is the whole image's: each block gets its share by latent count."""
         y, z = self.latents(quality)
         y, z = y.clone(), torch.round(z)
         h, w = self.pixels.height, self.pixels.width
         parts = [p for p in blocks(self.shape.height, self.shape.width, WINDOW)]
+        latents = self.shape.height * self.shape.width
         improved = False
         for index, (top, left, bottom, right) in enumerate(parts):
             x = self.x[:, :, top * STRIDE:bottom * STRIDE, left * STRIDE:right * STRIDE]
             size = (min(h - top * STRIDE, x.shape[2]), min(w - left * STRIDE, x.shape[3]))
+            schedule = sga
+            if sga.time_budget is not None and len(parts) > 1:
+                share = (bottom - top) * (right - left) / latents
+                schedule = dataclasses.replace(sga, time_budget=sga.time_budget * share)
 
             def block_progress(done: int, total: int, index: int = index) -> None:
                 if progress:
                     progress(index * total + done, len(parts) * total)
-            result = refine_latents(self.runtime, x, size, quality, sga, seed=index, progress=block_progress)
+
+            def block_report(step: SGAProgress, index: int = index) -> None:
+                if report:
+                    report(dataclasses.replace(step, step=index * step.total + step.step,
+                                               total=len(parts) * step.total))
+            result = refine_latents(self.runtime, x, size, quality, schedule, seed=index, progress=block_progress,
+                                    report=block_report if report else None)
             y[:, :, top:bottom, left:right] = result.y
             z[:, :, top // 4:bottom // 4, left // 4:right // 4] = result.z
             improved |= result.improved

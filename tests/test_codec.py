@@ -4,6 +4,7 @@ alpha, grayscale, tiles, rate control, hostile inputs, CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -297,6 +298,53 @@ def test_cli_sga_round_trip(trained_weights, tmp_path):
     assert main(["verify", str(refined), "--model", str(trained_weights)]) == 0
     assert main(["encode", str(src), "-o", str(tmp_path / "bad.ncz"), "--model", str(trained_weights),
                  "--sga", "-3"]) == 2
+
+
+def test_cli_effort_and_time_budget(trained_weights, tmp_path, monkeypatch):
+    import ncz.codec.image as image_module
+
+    src = tmp_path / "in.png"
+    Image.fromarray(_photo(64, 96, seed=7)).save(src)
+    seen = []
+    real = image_module.refine_latents
+
+    def spy(runtime, x, size, quality, schedule, **kwargs):
+        seen.append(schedule)
+        return real(runtime, x, size, quality, dataclasses.replace(schedule, iterations=4), **kwargs)
+
+    monkeypatch.setattr(image_module, "refine_latents", spy)
+    base = ["encode", str(src), "--model", str(trained_weights), "--quality", "2"]
+    assert main([*base, "-o", str(tmp_path / "fast.ncz")]) == 0 and seen == []
+    assert main([*base, "-o", str(tmp_path / "fast2.ncz"), "--effort", "fast"]) == 0 and seen == []
+    assert (tmp_path / "fast.ncz").read_bytes() == (tmp_path / "fast2.ncz").read_bytes()
+    assert main([*base, "-o", str(tmp_path / "sga.ncz"), "--effort", "sga"]) == 0
+    assert seen[-1] == SGASchedule.default()
+    assert main([*base, "-o", str(tmp_path / "tb.ncz"), "--time-budget", "30"]) == 0
+    assert seen[-1] == dataclasses.replace(SGASchedule.default(), time_budget=30.0)
+    assert main([*base, "-o", str(tmp_path / "n.ncz"), "--effort", "sga", "--sga", "7", "--time-budget", "5"]) == 0
+    assert seen[-1] == SGASchedule(7, time_budget=5.0)
+    assert main(["decode", str(tmp_path / "sga.ncz"), "-o", str(tmp_path / "sga.png"),
+                 "--model", str(trained_weights)]) == 0
+    for bad in (["--effort", "fast", "--time-budget", "3"], ["--time-budget", "0"], ["--time-budget", "nan"],
+                ["--effort", "slow"]):
+        assert main([*base, "-o", str(tmp_path / "bad.ncz"), *bad]) == 2
+    assert not (tmp_path / "bad.ncz").exists()
+
+
+def test_sga_reports_and_time_budget_per_image(trained_weights):
+    import ncz.codec
+
+    runtime = load_codec(trained_weights)
+    images = [("a", Pixels(_photo(64, 64, seed=8)))]
+    reports = []
+    ncz.codec.encode_images(images, runtime=runtime, quality=1.0, sga=SGASchedule(6),
+                            report=lambda label, state: reports.append((label, state)))
+    assert [state.step for _, state in reports] == [1, 2, 3, 4, 5, 6]
+    assert all(label == "a" and state.total == 6 and state.bpp > 0 and state.psnr > 0 for label, state in reports)
+    reports.clear()
+    ncz.codec.encode_images(images, runtime=runtime, quality=1.0, sga=SGASchedule(100_000, time_budget=1.0),
+                            report=lambda label, state: reports.append(state))
+    assert reports and reports[-1].step < 100_000  # the budget, not the iteration count, ended it
 
 
 def test_one_image_api_round_trip(weights):
