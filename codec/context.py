@@ -155,6 +155,12 @@ class ContextSurrogate(nn.Module):
         self.layers += [(layer, as_tensor(layer.weight), as_tensor(layer.scale)[None, :, None, None],
                          as_tensor(layer.bias)[None, :, None, None]) for layer in integer_context.params]
 
+    def to_device(self, device: torch.device | str) -> ContextSurrogate:
+        """Moves the surrogate's constant tensors (plain attributes, not parameters) to ``device``."""
+        self.layers = [(layer, weight.to(device), scale.to(device), bias.to(device))
+                       for layer, weight, scale, bias in self.layers]
+        return self
+
     def forward(self, y_anchor_hat: Tensor, mean: Tensor, raw_scale: Tensor) -> tuple[Tensor, Tensor]:
         y_step, mean_step, scale_step = self.steps
         a = y_anchor_hat / y_step

@@ -42,8 +42,12 @@ reconstructing the 8-bit pixels a decoder will show, at the start (g_a's
 latents), at a few points of the annealing phase and at the end; the best of
 those is returned. So a refinement never returns latents that code worse than
 g_a's, and a time budget can stop it at any point with the best latents so far.
-With checkerboard weights the loop's rate is the hyperprior's (no context
-term), while the evaluations use the checkerboard coder.
+With checkerboard weights the loop relaxes y as the coder quantizes it: the
+anchors around the hyperprior mean, then the non-anchors around the mean the
+context gives from the relaxed anchors, and their rate under the context's
+scales (:class:`_Relaxation`, through
+:class:`~ncz.codec.context.ContextSurrogate`, the context's differentiable
+copy); so the optimizer sees the rate the file will pay.
 
 Encoder output is deterministic for given weights, image, quality, schedule
 and torch thread count (seeded noise), unless a time budget cuts the schedule
@@ -67,6 +71,7 @@ from torch import Tensor
 
 from ncz.format import UsageError
 
+from .context import ContextSurrogate, anchor_mask
 from .integer import LEAKY_SLOPE
 from .networks import SubpixelDeconv, gaussian_likelihood, lower_bound
 from .weights import CodecRuntime
@@ -339,6 +344,35 @@ class _Evaluated:
     step: int
 
 
+class _Relaxation:
+    """y relaxed as the latent coder quantizes it, with the means and scales it codes under.
+
+    Hyperprior: ``sga(y − μ) + μ`` with h_s's μ, σ. Checkerboard (He et al. 2021): the anchors
+    first, around h_s's μ; the context turns the relaxed anchors into Δμ, Δσ for the non-anchors,
+    which are relaxed around their own mean — the order the coder works in
+    (:class:`~ncz.codec.latents.CheckerboardLatents`).
+    """
+
+    def __init__(self, runtime: CodecRuntime, height: int, width: int, device: torch.device):
+        self.context = None
+        if runtime.int_context is not None:
+            self.context = ContextSurrogate(runtime.int_context).to_device(device)
+            self.anchors = anchor_mask(height, width, device)
+            self.rest = 1.0 - self.anchors
+
+    def __call__(self, y: Tensor, mean: Tensor, raw_scale: Tensor, tau: float,
+                 generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """``(relaxed y, mean, raw scale)`` the rate of ``y`` is counted under."""
+        relaxed = sga_round(y - mean, tau, generator) + mean
+        if self.context is None:
+            return relaxed, mean, raw_scale
+        d_mean, d_scale = self.context(relaxed * self.anchors, mean, raw_scale)
+        mean = mean + self.rest * d_mean
+        raw_scale = raw_scale + self.rest * d_scale
+        rest = sga_round(y - mean, tau, generator) + mean
+        return self.anchors * relaxed + self.rest * rest, mean, raw_scale
+
+
 def refine_latents(runtime: CodecRuntime, x: Tensor, size: tuple[int, int], quality: float,
                    schedule: SGASchedule, *, seed: int = 0, autocast: bool = True,
                    progress: Callable[[int, int], None] | None = None,
@@ -411,6 +445,7 @@ def refine_latents(runtime: CodecRuntime, x: Tensor, size: tuple[int, int], qual
         mean_np, raw_scale_np = runtime.int_hs(z[0].cpu().numpy().astype(np.int64))
         fixed_mean = torch.from_numpy(mean_np).float().to(device)
         fixed_raw_scale = torch.from_numpy(raw_scale_np).float().to(device)
+    relax = _Relaxation(runtime, y0.shape[2], y0.shape[3], device)
     optimizer = torch.optim.Adam(variables, lr=schedule.lr)
     generator = torch.Generator(device=device).manual_seed(seed)
     checks = schedule.check_points()
@@ -441,7 +476,7 @@ def refine_latents(runtime: CodecRuntime, x: Tensor, size: tuple[int, int], qual
             mean, raw_scale = hyper_synthesis(z_t)
         else:
             z_t, mean, raw_scale = z, fixed_mean, fixed_raw_scale
-        y_t = sga_round(y - mean, tau, generator) + mean
+        y_t, mean, raw_scale = relax(y, mean, raw_scale, tau, generator)
         loss = relaxed_objective(y_t, z_t, mean, raw_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

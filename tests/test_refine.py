@@ -13,13 +13,14 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
+from conftest import VECTORS, shared_data
 
 import ncz.format as nf
 from ncz.codec import CodecConfig, HyperpriorCodec, Pixels, export_codec, load_codec
+from ncz.codec.context import anchor_mask
 from ncz.codec.image import ImageEncoder, decode_section, write_image_section
 from ncz.codec.networks import gaussian_likelihood, lower_bound
-from ncz.codec.refine import SGAProgress, SGASchedule, refine_latents
+from ncz.codec.refine import SGAProgress, SGASchedule, _Relaxation, refine_latents
 
 
 @pytest.fixture(autouse=True)
@@ -204,3 +205,41 @@ def test_loop_synthesis_has_the_coding_synthesis_gradients(tiny):
         out.square().mean().backward()
         assert (out - expected).norm() < tolerance * expected.norm()
         assert (variable.grad - reference.grad).norm() < tolerance * reference.grad.norm()
+
+
+def test_checkerboard_loop_counts_the_rate_the_coder_pays():
+    """Checkerboard weights: at a near-zero temperature the loop's relaxed latents are the coder's
+    quantized ones, their means and scales the integer context's up to its activation steps, and
+    their ideal code length is within 1 % of what those parameters give (the context term is in)."""
+    runtime = load_codec(VECTORS / "codec-tiny-checkerboard.ncz")
+    encoder = ImageEncoder(runtime, Pixels(_photo(128, 192, seed=9)))
+    y, z = encoder.latents(4.0)
+    z = torch.round(z)
+    mean, raw_scale = (torch.from_numpy(v).float() for v in runtime.int_hs(z[0].numpy().astype(np.int64)))
+    y_t, loop_mean, loop_scale = _Relaxation(runtime, y.shape[2], y.shape[3], torch.device("cpu"))(
+        y, mean, raw_scale, 1e-4, torch.Generator().manual_seed(0))
+    coded = runtime.latents.encode(y[0].double().numpy(), z[0].numpy())
+    anchors = anchor_mask(y.shape[2], y.shape[3]).bool()[0, 0]
+    y_hat = torch.from_numpy(coded.y_hat).float()
+    assert torch.allclose(y_t[0], y_hat, atol=1e-3)  # non-anchors too: rounded around the context's mean
+    d_mean, d_scale = runtime.int_context(np.where(anchors.numpy(), coded.y_hat, 0.0), mean.numpy(), raw_scale.numpy())
+    coder_mean = torch.where(anchors, mean, mean + torch.from_numpy(d_mean).float())
+    coder_scale = torch.where(anchors, raw_scale, raw_scale + torch.from_numpy(d_scale).float())
+    assert float((coder_mean - mean)[0][:, ~anchors].abs().max()) > 0.05  # the context moves the means
+    assert float((loop_mean - coder_mean).abs().max()) < 1e-3
+    assert float((loop_scale - coder_scale).abs().max()) < 1e-3
+    cfg = runtime.config
+
+    def bits(values, m, s):
+        return float(-torch.log2(gaussian_likelihood(values, m, lower_bound(s, cfg.scale_bound), cfg.scale_bound,
+                                                     cfg.likelihood_bound)).sum())
+
+    assert bits(y_t, loop_mean, loop_scale) == pytest.approx(bits(y_hat[None], coder_mean, coder_scale), rel=0.01)
+
+
+def test_checkerboard_refinement_codes_a_file_that_decodes_exactly():
+    runtime = load_codec(VECTORS / "codec-tiny-checkerboard.ncz")
+    rgb = _photo(96, 128, seed=10)
+    result = refine_latents(runtime, _padded(rgb), (96, 128), 3.0, SGASchedule(8, checks=2))
+    decoded, payload = _decode_refined(runtime, Pixels(rgb), 3.0, result)
+    assert np.array_equal(decoded, result.pixels) and result.bpp == 8.0 * payload / (96 * 128)
