@@ -41,6 +41,12 @@ only, and the mean difference turned into a percentage (negative = ncz needs
 fewer bits for the same PSNR). When the PSNR ranges overlap little the number
 is flagged (``overlap_db`` / ``note``).
 
+MS-SSIM and BD-rate are computed here rather than imported (pytorch-msssim,
+bjontegaard): the benchmark then runs on the test extras alone, and both are
+small enough to read in full. tests/test_metrics.py holds them to those
+libraries (BD-rates identical to 1e-9 on rd_kodak.json, MS-SSIM within 2e-6,
+pytorch-msssim's float32 window being the difference) in CI's second step.
+
 Published curves (``bench/reference/*.json``, ``--published``) are drawn dashed
 and get BD-rates of their own (``published``): ncz against each, and each
 against the codecs measured in this run. They are not measured here; each file
