@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import constriction
 import numpy as np
@@ -26,7 +26,7 @@ import numpy as np
 from .entropy_tables import FrequencyTable
 from .errors import StreamError
 
-__all__ = ["Coder", "encode_groups", "GroupDecoder", "AnsStack", "to_bytes", "from_bytes"]
+__all__ = ["Coder", "encode_groups", "encode_chunks", "GroupDecoder", "AnsStack", "to_bytes", "from_bytes"]
 
 _stack = constriction.stream.stack
 _queue = constriction.stream.queue
@@ -87,6 +87,32 @@ def encode_groups(coder: Coder, groups: Sequence[Group]) -> np.ndarray:
     for indices, table in reversed(groups):  # a stack: last pushed is first popped
         if indices.size:
             ans.encode_reverse(np.ascontiguousarray(indices, dtype=np.int32), _categorical(table))
+    return ans.get_compressed()
+
+
+def encode_chunks(coder: Coder, table: FrequencyTable, count: int, chunk: Callable[[int], np.ndarray],
+                  tail: Sequence[Group] = ()) -> np.ndarray:
+    """``encode_groups(coder, [(concatenation of chunk(0) … chunk(count − 1), table), *tail])`` without
+    the concatenation: chunks are made one at a time (an ANS stack takes them last to first)."""
+    model = _categorical(table)
+    if coder is Coder.RANGE:
+        encoder = _queue.RangeEncoder()
+        for i in range(count):
+            indices = chunk(i)
+            if indices.size:
+                encoder.encode(np.ascontiguousarray(indices, dtype=np.int32), model)
+        for indices, group_table in tail:
+            if indices.size:
+                encoder.encode(np.ascontiguousarray(indices, dtype=np.int32), _categorical(group_table))
+        return encoder.get_compressed()
+    ans = _stack.AnsCoder()
+    for indices, group_table in reversed(tail):
+        if indices.size:
+            ans.encode_reverse(np.ascontiguousarray(indices, dtype=np.int32), _categorical(group_table))
+    for i in reversed(range(count)):
+        indices = chunk(i)
+        if indices.size:
+            ans.encode_reverse(np.ascontiguousarray(indices, dtype=np.int32), model)
     return ans.get_compressed()
 
 

@@ -50,6 +50,7 @@ from .entropy_tables import (
 from .enums import Codec
 from .errors import DensityError, FormatError, StreamError, UsageError
 from .section_codecs import SectionCodec, register_codec
+from .writer import EncodedPayload
 
 __all__ = [
     "Coder",
@@ -67,6 +68,7 @@ __all__ = [
     "ESCAPE_BITS",
     "MAX_SYMBOLS_PER_BYTE",
     "check_density",
+    "symbols_payload",
 ]
 
 ESCAPE_CHUNKS = 3
@@ -233,7 +235,63 @@ def _from_chunks(chunks: np.ndarray) -> np.ndarray:
     return (zig >> np.uint64(1)).astype(np.int64) ^ -(zig & np.uint64(1)).astype(np.int64)
 
 
+_GROUP_CHUNK = 1 << 20  # symbols converted to table indices at a time (bounded int64 temporaries)
+
+
+def _chunk_indices(chunk: np.ndarray, table: FrequencyTable) -> tuple[np.ndarray, np.ndarray | None]:
+    """(int32 table indices, int64 values of the escaped symbols or None) of a chunk of integer symbols."""
+    if chunk.dtype.itemsize > 4 or chunk.dtype == np.uint32:
+        if chunk.size and (chunk.min() < -(2**31) or chunk.max() >= 2**31):
+            raise UsageError("symbols must fit in int32")
+    rel = np.subtract(chunk, table.lo, dtype=np.int64)
+    escaped = rel.view(np.uint64) >= np.uint64(table.num_regular)  # below lo wraps to a huge unsigned value
+    values = None
+    if escaped.any():
+        if not table.escape:
+            raise UsageError(f"symbols outside [{table.lo}, {table.hi}] and the table has no escape")
+        values = chunk[escaped].astype(np.int64)
+        rel[escaped] = table.num_regular
+    return rel.astype(np.int32), values
+
+
+def _flat_integers(symbols: np.ndarray) -> np.ndarray:
+    array = np.asarray(symbols).reshape(-1)
+    if array.dtype.kind not in "iu":
+        raise UsageError(f"symbols must be integers, got dtype {array.dtype}")
+    return array
+
+
+def _categorical_groups(symbols: np.ndarray, table: FrequencyTable) -> list[tuple[np.ndarray, FrequencyTable]]:
+    """:func:`_groups` of a one-table model, chunk by chunk: no int64 copy of the whole input."""
+    array = _flat_integers(symbols)
+    indices = np.empty(array.size, np.int32)
+    escaped_values = []
+    for start in range(0, array.size, _GROUP_CHUNK):
+        indices[start:start + _GROUP_CHUNK], values = _chunk_indices(array[start:start + _GROUP_CHUNK], table)
+        if values is not None:
+            escaped_values.append(values)
+    groups: list[tuple[np.ndarray, FrequencyTable]] = [(indices, table)]
+    if escaped_values:
+        groups.append((_escape_chunks(np.concatenate(escaped_values)), _UNIFORM16))
+    return groups
+
+
+def _encode_categorical(symbols: np.ndarray, table: FrequencyTable, coder: Coder) -> np.ndarray:
+    """The stream of :func:`encode` for a one-table model, fed to the coder in chunks: besides the
+    symbols and the stream, memory holds one chunk (a first pass finds the escapes, coded after
+    all table indices: an ANS stack takes them first)."""
+    array = _flat_integers(symbols)
+    starts = range(0, array.size, _GROUP_CHUNK)
+    escaped = [values for start in starts
+               if (values := _chunk_indices(array[start:start + _GROUP_CHUNK], table)[1]) is not None]
+    tail = [(_escape_chunks(np.concatenate(escaped)), _UNIFORM16)] if escaped else []
+    return adapter.encode_chunks(coder, table, len(starts),
+                                 lambda i: _chunk_indices(array[starts[i]:starts[i] + _GROUP_CHUNK], table)[0], tail)
+
+
 def _groups(symbols: np.ndarray, model: Model) -> list[tuple[np.ndarray, FrequencyTable]]:
+    if isinstance(model, CategoricalModel):
+        return _categorical_groups(symbols, model.table)
     symbols = _as_symbols(symbols)
     lay = model.layout(symbols.size)
     coded = symbols if lay.order is None else symbols[lay.order]
@@ -249,6 +307,8 @@ def _groups(symbols: np.ndarray, model: Model) -> list[tuple[np.ndarray, Frequen
 
 def encode(symbols: np.ndarray, model: Model, coder: Coder = Coder.ANS) -> bytes:
     """Entropy-code int32 ``symbols``; returns the stream (little-endian u32 words)."""
+    if isinstance(model, CategoricalModel):
+        return adapter.to_bytes(_encode_categorical(symbols, model.table, coder))
     return adapter.to_bytes(adapter.encode_groups(coder, _groups(symbols, model)))
 
 
@@ -459,6 +519,27 @@ def _coder_of(codec: Codec) -> Coder:
     return Coder.RANGE if codec == Codec.RANGE else Coder.ANS
 
 
+def _categorical_stream(symbols: np.ndarray, model: CategoricalModel | None, codec: Codec,
+                        max_symbols: int = 4096) -> tuple[bytes, dict[str, Any]]:
+    """(stored bytes, params) of a self-contained RANGE/ANS section holding ``symbols``."""
+    if model is None:
+        model = CategoricalModel.fit(symbols, max_symbols=max_symbols)
+    if not isinstance(model, CategoricalModel):
+        raise UsageError("a conditional model needs write_conditional(), not Writer.add()")
+    stored = encode(symbols, model, _coder_of(codec))
+    check_density(symbols.size, len(stored), f"{codec.name} section", DensityError)
+    return stored, {"model": int(ModelId.CATEGORICAL), "table": model.table.to_bytes()}
+
+
+def symbols_payload(symbols: np.ndarray, model: CategoricalModel | None = None,
+                    codec: Codec = Codec.ANS) -> EncodedPayload:
+    """What ``encode_payload(int32 bytes of symbols, codec, {"model": model})`` gives, from integer
+    symbols of any dtype (e.g. int16 quantization indices) without making their int32 bytes."""
+    array = _flat_integers(symbols)
+    stored, params = _categorical_stream(array, model, codec)
+    return EncodedPayload(int(codec), stored, 4 * array.size, params)
+
+
 def _section_encode(codec: Codec):
     def encode_section(data: Any, options: Mapping[str, Any]) -> tuple[bytes, dict[str, Any]]:
         unknown = set(options) - {"model", "max_symbols"}
@@ -467,15 +548,8 @@ def _section_encode(codec: Codec):
         view = memoryview(data).cast("B")
         if len(view) % 4:
             raise UsageError("entropy-coded sections hold int32 symbols: length must be a multiple of 4")
-        symbols = np.frombuffer(view, dtype="<i4")
-        model = options.get("model")
-        if model is None:
-            model = CategoricalModel.fit(symbols, max_symbols=int(options.get("max_symbols", 4096)))
-        if not isinstance(model, CategoricalModel):
-            raise UsageError("a conditional model needs write_conditional(), not Writer.add()")
-        stored = encode(symbols, model, _coder_of(codec))
-        check_density(symbols.size, len(stored), f"{codec.name} section", DensityError)
-        return stored, {"model": int(ModelId.CATEGORICAL), "table": model.table.to_bytes()}
+        return _categorical_stream(np.frombuffer(view, dtype="<i4"), options.get("model"), codec,
+                                   int(options.get("max_symbols", 4096)))
 
     return encode_section
 

@@ -38,6 +38,7 @@ __all__ = [
     "ParametricGrid",
     "GRID_V1",
     "fit_table",
+    "fit_table_counts",
     "encode_varints",
     "decode_varints",
 ]
@@ -225,12 +226,27 @@ def fit_table(symbols: np.ndarray, *, max_symbols: int = 4096) -> FrequencyTable
     covers the most samples (centred on the data's bulk); values outside it are
     escaped. Counts become frequencies by :func:`quantize_masses`.
     """
-    symbols = np.asarray(symbols).astype(np.int64).ravel()
+    symbols = np.asarray(symbols).ravel()
     if symbols.size == 0:
         return FrequencyTable(0, np.array([TOTAL - 1, 1]), escape=True)
     lo, hi = int(symbols.min()), int(symbols.max())
+    if hi - lo < 1 << 22:
+        counts = np.bincount((symbols.astype(np.int64) - lo), minlength=hi - lo + 1)
+        values = np.flatnonzero(counts)
+        return fit_table_counts(values + lo, counts[values], max_symbols=max_symbols)
+    values, counts = np.unique(symbols.astype(np.int64), return_counts=True)
+    return fit_table_counts(values, counts, max_symbols=max_symbols)
+
+
+def fit_table_counts(values: np.ndarray, counts: np.ndarray, *, max_symbols: int = 4096) -> FrequencyTable:
+    """:func:`fit_table` from a histogram: the distinct ``values`` (ascending) and their ``counts``
+    (> 0), e.g. gathered chunk by chunk from more symbols than fit in memory twice."""
+    values = np.asarray(values, np.int64)
+    counts = np.asarray(counts, np.int64)
+    if values.size == 0:
+        return FrequencyTable(0, np.array([TOTAL - 1, 1]), escape=True)
+    lo, hi = int(values[0]), int(values[-1])
     if hi - lo + 1 > max_symbols:
-        values, counts = np.unique(symbols, return_counts=True)
         # best window [values[i], values[i] + max_symbols) by covered count
         cum = np.concatenate(([0], np.cumsum(counts)))
         right = np.searchsorted(values, values + max_symbols, side="left")
@@ -238,12 +254,11 @@ def fit_table(symbols: np.ndarray, *, max_symbols: int = 4096) -> FrequencyTable
         best = int(np.argmax(covered))
         lo = int(values[best])
         hi = int(values[right[best] - 1])
-    counts = np.bincount(np.clip(symbols, lo, hi + 1) - lo, minlength=hi - lo + 2)[: hi - lo + 2].astype(np.float64)
-    # the last bin collects out-of-window symbols on either side = escapes
-    escapes = int(((symbols < lo) | (symbols > hi)).sum())
-    counts[-1] = escapes
-    counts[: hi - lo + 1] = np.bincount(symbols[(symbols >= lo) & (symbols <= hi)] - lo, minlength=hi - lo + 1)
-    return FrequencyTable(lo, quantize_masses(counts), escape=True)
+    inside = (values >= lo) & (values <= hi)
+    table = np.zeros(hi - lo + 2, np.float64)  # the last bin: escapes, out-of-window on either side
+    table[values[inside] - lo] = counts[inside]
+    table[-1] = int(counts[~inside].sum())
+    return FrequencyTable(lo, quantize_masses(table), escape=True)
 
 
 # --- parametric grids ----------------------------------------------------------

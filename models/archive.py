@@ -9,17 +9,22 @@ Data flow::
     .ncz ──head sections──► representation of the kind (registry) ──► check_head, all heads first
         ──► decode ──► dense tensors, or build_module ──► compact modules (load_into)
 
-Peak memory while packing: the tensors in flight (≤ workers + 1) and their
-encodings. Unpacking to safetensors streams tensor by tensor into the output.
+Peak memory while packing: the tensors in flight (≤ workers + 1, and no more
+than the largest tensor alone would need) and their encodings; each worker loads
+its own tensor. Unpacking to safetensors streams tensor by tensor into the output.
 """
 
 from __future__ import annotations
 
+import builtins
 import json
+import mmap
+import multiprocessing
 import os
 import struct
+from collections import deque
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +49,7 @@ from . import registry
 from .checkpoint import TensorSource, check_name, check_tensor, open_checkpoint
 from .lossless import LOSSLESS
 from .recipe import Recipe
-from .representation import Encoded, Progress, dense_nbytes
+from .representation import Encoded, Progress, all_finite, dense_nbytes, storage_view
 
 if TYPE_CHECKING:  # calibration imports this module (a calibration file is an archive)
     from .calibration import Calibration
@@ -86,9 +91,16 @@ class PackReport:
         return 8 * self.file_bytes / max(self.numel, 1)
 
 
+# Memory while packing: a tensor being encoded needs about 4× its own bytes (a bf16 tensor: itself,
+# its int16 indices, their symbols, one chunk at a time of everything else); tensors enter the
+# worker pool while those in flight fit in what the largest alone needs, plus a little for small ones.
+_WORKING_PER_BYTE = 4
+_WORKING_SLACK = 128 << 20
+
+
 def _encode(name: str, tensor: torch.Tensor, recipe: Recipe, calibration: Calibration | None = None) -> Encoded:
     rule = recipe.choose(name, tensor)
-    if rule.representation != LOSSLESS.name and (not tensor.is_floating_point() or not torch.isfinite(tensor).all()):
+    if rule.representation != LOSSLESS.name and (not tensor.is_floating_point() or not all_finite(tensor)):
         return LOSSLESS.encode(name, tensor)  # integers, NaN/inf: only exact storage makes sense
     representation = registry.by_name(rule.representation)
     options = dict(rule.options)
@@ -126,10 +138,12 @@ def pack(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | TensorSou
         names = [n for n, _ in items]
         lookup = dict(items)
         load = lookup.__getitem__
+        sizes = {n: t.numel() * t.element_size() for n, t in items}
         source_name, notes = "state_dict", []
     else:
         src = source if isinstance(source, TensorSource) else open_checkpoint(source)
         names, load, source_name, notes = src.names, src.load, src.path.name, src.notes
+        sizes = {n: src.nbytes(n) or 0 for n in names}
     for name in names:
         check_name(name, source_name)
     unknown = set(pre_encoded) - set(names)
@@ -140,30 +154,42 @@ def pack(source: str | os.PathLike[str] | Mapping[str, torch.Tensor] | TensorSou
         header.update({"calibration": calibration.source or "unnamed", "calibration_samples": int(calibration.samples)})
     header.update(metadata or {})
     reports: list[TensorReport] = []
+    working = {n: _WORKING_PER_BYTE * sizes[n] for n in names}
+    budget = max(working.values(), default=0) + _WORKING_SLACK
     with Writer(output, metadata=header) as writer, ThreadPoolExecutor(max(1, workers)) as pool:
-        pending: list[tuple[str, Future]] = []
+        pending: deque[tuple[str, Future]] = deque()
+        in_flight = 0
 
-        def drain(limit: int) -> None:
-            while len(pending) > limit:
-                name, future = pending.pop(0)
-                encoded: Encoded = future.result()
-                write_encoded(writer, encoded)
-                head = encoded.sections[0].params
-                reports.append(TensorReport(name, encoded.representation, tuple(head["shape"]), head["dtype"],
-                                            encoded.numel, encoded.stored_bytes, encoded.rel_error))
-                if progress:
-                    progress(len(reports), len(names), name)
+        def write_oldest() -> None:
+            nonlocal in_flight
+            name, future = pending.popleft()
+            encoded: Encoded = future.result()
+            in_flight -= working[name]
+            write_encoded(writer, encoded)
+            head = encoded.sections[0].params
+            reports.append(TensorReport(name, encoded.representation, tuple(head["shape"]), head["dtype"],
+                                        encoded.numel, encoded.stored_bytes, encoded.rel_error))
+            if progress:
+                progress(len(reports), len(names), name)
 
         for name in names:
+            # a bounded window, and no more tensors in flight than the largest alone would need
+            while pending and (len(pending) > max(1, workers) or in_flight + working[name] > budget):
+                write_oldest()
             if name in pre_encoded:
                 done: Future = Future()
                 done.set_result(pre_encoded[name])
                 pending.append((name, done))
-            else:
-                pending.append((name, pool.submit(_encode, name, load(name), recipe, calibration)))
-            drain(max(1, workers))
-        drain(0)
+            else:  # the worker loads the tensor itself: only tensors being encoded are in memory
+                pending.append((name, pool.submit(_load_and_encode, name, load, recipe, calibration)))
+            in_flight += working[name]
+        while pending:
+            write_oldest()
     return PackReport(Path(output), os.path.getsize(output), reports, tuple(notes))
+
+
+def _load_and_encode(name: str, load, recipe: Recipe, calibration: Calibration | None) -> Encoded:
+    return _encode(name, load(name), recipe, calibration)
 
 
 def write_encoded(writer: Writer, encoded: Encoded) -> None:
@@ -208,11 +234,50 @@ def _decode(head: SectionInfo, reader: Reader) -> torch.Tensor:
     return tensor
 
 
+def _open_mapped(path: str | os.PathLike[str], limits: Limits | None) -> tuple[Reader, mmap.mmap | None]:
+    """The archive opened like ``ncz.format.open`` (read-only map) with the map at hand, so that pages
+    already decoded can be given back (:func:`_release`); None when the file cannot be mapped."""
+    try:
+        handle = builtins.open(path, "rb")
+    except OSError:
+        return open_archive(path, limits=limits), None  # ncz.format.open words the error
+    try:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):  # empty or unmappable: ncz.format.open words the error
+        handle.close()
+        return open_archive(path, limits=limits), None
+    return Reader(mapped, name=os.fspath(path), limits=limits, owner=handle), mapped
+
+
+def _release(mapped: mmap.mmap | None, sections: list[SectionInfo]) -> None:
+    """Drop the mapped pages of ``sections`` from this process: pages read from a mapped file count
+    toward its resident memory until unmapped, so unpacking a 1 GB archive would otherwise look like
+    1 GB more of it (the file stays cached; a later read maps the pages again)."""
+    if mapped is None or not sections or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = min(s.offset for s in sections) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = max(s.offset + s.stored_length for s in sections)
+    if end > start:
+        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _tensor_sections(reader: Reader) -> dict[str, list[SectionInfo]]:
+    """Head name → its head and part sections."""
+    out: dict[str, list[SectionInfo]] = {}
+    for info in reader.sections:
+        out.setdefault(info.name.split("#", 1)[0], []).append(info)
+    return out
+
+
 def iter_tensors(path: str | os.PathLike[str], *, limits: Limits | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, dense tensor) in archive order, one at a time; ``limits`` raises or lowers the reader caps."""
-    with open_archive(path, limits=limits) as reader:
+    reader, mapped = _open_mapped(path, limits)
+    with reader:
+        sections = _tensor_sections(reader)
         for head in _heads(reader):
-            yield head.name, _decode(head, reader)
+            tensor = _decode(head, reader)
+            _release(mapped, sections[head.name])
+            yield head.name, tensor
 
 
 def load_state_dict(path: str | os.PathLike[str], *, limits: Limits | None = None) -> dict[str, torch.Tensor]:
@@ -308,11 +373,16 @@ _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64":
 
 
 def unpack(path: str | os.PathLike[str], output: str | os.PathLike[str], progress: Progress | None = None, *,
-           limits: Limits | None = None) -> int:
-    """Restore dense tensors to ``.safetensors`` (streamed) or ``.pt``; returns the tensor count."""
+           limits: Limits | None = None, workers: int = 1) -> int:
+    """Restore dense tensors to ``.safetensors`` (streamed) or ``.pt``; returns the tensor count.
+
+    ``workers`` > 1 decodes tensors of a ``.safetensors`` output in that many forked processes, each
+    writing its tensors' bytes in place (the entropy decoder holds the GIL: threads would not help)."""
     output = Path(output)
     if output.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
         raise UsageError(f"{output}: output must end in .safetensors or .pt")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UsageError(f"workers must be an integer >= 1, got {workers!r}")
     with open_archive(path, limits=limits) as reader:
         heads = _heads(reader)
     if output.suffix != ".safetensors":
@@ -325,7 +395,7 @@ def unpack(path: str | os.PathLike[str], output: str | os.PathLike[str], progres
         return len(tensors)
 
     header: dict[str, Any] = {"__metadata__": {"format": "pt", "source": "ncz"}}
-    offset = 0
+    offsets, offset = {}, 0
     for h in heads:
         if h.name == "__metadata__":  # safetensors would read it as its metadata block
             raise InputError(f"{path}: tensor {h.name!r} cannot be stored in safetensors (the name is reserved "
@@ -336,6 +406,7 @@ def unpack(path: str | os.PathLike[str], output: str | os.PathLike[str], progres
         size = dense_nbytes(h.params)
         header[h.name] = {"dtype": _ST_DTYPES[dtype], "shape": h.params["shape"],
                           "data_offsets": [offset, offset + size]}
+        offsets[h.name] = offset
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -343,10 +414,62 @@ def unpack(path: str | os.PathLike[str], output: str | os.PathLike[str], progres
     def write(handle) -> None:
         handle.write(struct.pack("<Q", len(blob)))
         handle.write(blob)
+        if workers > 1 and len(heads) > 1:
+            handle.flush()
+            data_start = 8 + len(blob)
+            _write_in_processes(path, limits, {n: data_start + o for n, o in offsets.items()}, handle.fileno(),
+                                workers, progress)
+            return
         for index, (name, tensor) in enumerate(iter_tensors(path, limits=limits)):
-            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            handle.write(_tensor_bytes(tensor))
             if progress:
                 progress(index + 1, len(heads), name)
 
     atomic_write(output, write)
     return len(heads)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes, without a copy."""
+    return memoryview(storage_view(tensor.contiguous())).cast("B") if tensor.numel() else memoryview(b"")
+
+
+_worker_archive: tuple[Reader, mmap.mmap | None, dict[str, list[SectionInfo]]] | None = None  # per worker process
+
+
+def _open_in_worker(path: str | os.PathLike[str], limits: Limits | None) -> None:
+    global _worker_archive
+    # one core per worker; and an OpenMP pool the parent may have started does not survive fork(),
+    # so a forked child must not enter a multi-threaded torch kernel
+    torch.set_num_threads(1)
+    reader, mapped = _open_mapped(path, limits)
+    _worker_archive = (reader, mapped, _tensor_sections(reader))
+
+
+def _decode_at(name: str, position: int, fd: int) -> str:
+    """In a worker: decode tensor ``name`` and write its bytes at ``position`` of the inherited output file."""
+    assert _worker_archive is not None
+    reader, mapped, sections = _worker_archive
+    data = _tensor_bytes(_decode(reader.info(name), reader))
+    _release(mapped, sections[name])
+    written = 0
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], position + written)
+    return name
+
+
+def _write_in_processes(path: str | os.PathLike[str], limits: Limits | None, positions: dict[str, int], fd: int,
+                        workers: int, progress: Progress | None) -> None:
+    # fork: workers inherit the output file and need no import; they run numpy and constriction only
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(min(workers, len(positions)), mp_context=context, initializer=_open_in_worker,
+                             initargs=(path, limits)) as pool:
+        futures = [pool.submit(_decode_at, name, position, fd) for name, position in positions.items()]
+        try:
+            for done, future in enumerate(as_completed(futures)):
+                name = future.result()
+                if progress:
+                    progress(done + 1, len(positions), name)
+        except BaseException:  # a bad section or Ctrl-C: do not decode the rest before raising
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise

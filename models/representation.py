@@ -37,6 +37,7 @@ from ncz.format import (
     UsageError,
     encode_payload,
 )
+from ncz.format.entropy import CategoricalModel, symbols_payload
 from ncz.format.layout import REPRESENTATION_HEADS
 
 __all__ = [
@@ -58,6 +59,9 @@ __all__ = [
     "symbol_payload",
     "dense_nbytes",
     "relative_error",
+    "all_finite",
+    "float32_to",
+    "storage_view",
     "entropy_bits",
     "tensor_label",
 ]
@@ -185,13 +189,14 @@ def read_part(reader: Reader, head: SectionInfo, part: str, *, dtype: str | None
     return np.frombuffer(data, dtype=np_dtype).reshape(info.params["shape"])
 
 
-def symbol_payload(symbols: np.ndarray, zstd_level: int = 19) -> EncodedPayload:
-    """int32 symbols as an ANS payload, or ZSTD when they are too predictable for
-    an entropy-coded section (FORMAT.md §7.1: at most 1024 symbols per byte)."""
-    data = np.ascontiguousarray(symbols, dtype="<i4").tobytes()
+def symbol_payload(symbols: np.ndarray, zstd_level: int = 19, model: CategoricalModel | None = None) -> EncodedPayload:
+    """Integer symbols (int32 on disk, any integer dtype here) as an ANS payload, or ZSTD when they
+    are too predictable for an entropy-coded section (FORMAT.md §7.1: at most 1024 symbols per byte).
+    ``model``: the table already fitted to ``symbols`` (what the codec would fit), to save a pass."""
     try:
-        return encode_payload(data, Codec.ANS)
+        return symbols_payload(symbols, model)
     except DensityError:
+        data = np.ascontiguousarray(symbols, dtype="<i4").tobytes()
         return encode_payload(data, Codec.ZSTD, {"level": zstd_level})
 
 
@@ -212,6 +217,44 @@ def smallest_payload(data: bytes | memoryview, candidates: list[tuple[Codec, dic
             best = payload
     assert best is not None
     return best
+
+
+_EXPONENT_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+                  torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
+
+
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """No NaN or ±inf in a float tensor: an all-ones exponent field, tested on the bits
+    in chunks (a few times faster than ``torch.isfinite`` on bf16, and no tensor-size mask)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if flat.dtype not in _EXPONENT_BITS:
+        return bool(torch.isfinite(flat).all())
+    int_dtype, mask = _EXPONENT_BITS[flat.dtype]
+    bits = flat.view(int_dtype).numpy()
+    mask = np.array(mask, dtype=bits.dtype) if mask < 2 ** (8 * bits.itemsize - 1) else \
+        np.array(mask - 2 ** (8 * bits.itemsize), dtype=bits.dtype)
+    return all(not np.any((bits[i:i + chunk] & mask) == mask) for i in range(0, bits.size, chunk))
+
+
+def float32_to(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """float32 ``values`` cast to ``dtype`` as torch casts (floats: nearest, ties to even), returned as
+    that dtype's storage (bf16: its uint16 bits); numpy arithmetic, no torch kernel (no thread pool)."""
+    if dtype == torch.float32:
+        return values
+    if dtype == torch.bfloat16:
+        bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+        bits = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+        return (bits >> np.uint32(16)).astype(np.uint16)  # finite inputs: no NaN to keep
+    if dtype in (torch.float16, torch.float64):
+        with np.errstate(over="ignore"):  # beyond float16's range is ±inf, as torch gives (and says nothing)
+            return values.astype(np.float16 if dtype == torch.float16 else np.float64)
+    return torch.from_numpy(np.ascontiguousarray(values)).to(dtype).numpy()
+
+
+def storage_view(tensor: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of a contiguous tensor's storage (bf16 as uint16)."""
+    flat = tensor.reshape(-1)
+    return flat.view(torch.int16).numpy().view(np.uint16) if flat.dtype == torch.bfloat16 else flat.numpy()
 
 
 def relative_error(original: torch.Tensor, restored: torch.Tensor) -> float:

@@ -16,7 +16,8 @@ from ..representation import Representation
 from .calibrated import TensorCalibration, quantize_calibrated
 from .format import check_quantized_head, decode_quantized, encode_quantized
 from .pairs import pair_symbols, unpair_symbols
-from .steps import GRANULARITIES, Quantized, dequantize, quantize, quantize_codes, step_codes, step_values
+from .search import quantize, quantize_codes
+from .steps import GRANULARITIES, Quantized, dequantize, step_codes, step_values
 
 __all__ = [
     "GRANULARITIES",

@@ -30,30 +30,93 @@ import numpy as np
 import torch
 
 from ncz.format import Codec, FormatError, Kind, Reader, SectionInfo, UsageError, encode_payload
-from ncz.format.entropy import read_symbols
+from ncz.format.entropy import CategoricalModel, read_symbols
+from ncz.format.entropy_tables import fit_table_counts
 
 from ..representation import (
     Encoded,
     PendingSection,
     dtype_name,
+    float32_to,
     part_name,
     read_part,
+    storage_view,
     symbol_payload,
     tensor_label,
     torch_dtype,
 )
 from .calibrated import TensorCalibration, quantize_calibrated
-from .pairs import PAIR_WIDTHS, pair_symbols, pair_width, unpair_symbols
-from .steps import GRANULARITIES, STEP_CODE_RANGE, Steps, dequantize, quantize_codes, step_values
+from .pairs import PAIR_MIN, PAIR_WIDTHS, pair_symbols, pair_width, pair_width_of, unpair_symbols
+from .passes import CHUNK_ELEMENTS, BlockedSum, Histogram, RowSource
+from .search import Prepared, block_steps, prepare, quantize_codes, rounded, search, zero_choice
+from .steps import GRANULARITIES, STEP_CODE_RANGE, Steps, dequantize, step_values
 
 __all__ = ["encode_quantized", "check_quantized_head", "decode_quantized"]
 
 
-def _restored_error(tensor: torch.Tensor, q: np.ndarray, steps: Steps, granularity: str, group_size: int) -> float:
-    """Relative error after the decoder's cast back to the tensor's dtype."""
-    restored = torch.from_numpy(dequantize(q, steps, granularity, group_size)).to(tensor.dtype).double().reshape(-1)
-    original = tensor.detach().double().reshape(-1)
-    return float((original - restored).norm() / original.norm()) if float(original.norm()) > 0 else 0.0
+def _restored_error(prep: Prepared, steps: Steps) -> float:
+    """Relative error after the decoder's cast back to the tensor's dtype (chunk by chunk)."""
+    squares = BlockedSum()
+    original = None if prep.source.exact_float32 else 0.0  # float64 tensors: their own norm
+    for start, stop, q, full in rounded(prep, steps):
+        restored = prep.source.cast_back(np.multiply(q, full, out=q))
+        if original is not None:  # float64 tensors: the error against the float64 values
+            values = prep.source.original(start, stop)
+            squares.add(np.square(values - restored.reshape(-1)))
+            original += float(np.sum(np.square(values)))
+        else:  # float16 / bf16 values and their restored ones are float32 numbers: float32 arithmetic
+            diff = np.subtract(prep.source.block(start, stop), restored, out=restored)
+            squares.add(np.square(diff, out=diff))
+    norm = prep.norm if original is None else math.sqrt(original)
+    return math.sqrt(squares.result()) / norm if norm > 0 else 0.0
+
+
+def _indices(prep: Prepared, steps: Steps) -> tuple[np.ndarray | None, Histogram]:
+    """The indices as int16 (half the memory of int32; None when some index does not fit) and their histogram."""
+    histogram = Histogram()
+    small: np.ndarray | None = np.empty(prep.source.size, np.int16)
+    for start, stop, q, _ in rounded(prep, steps):
+        block = q.astype(np.int32).reshape(-1)
+        histogram.add(block)
+        if small is not None:
+            if histogram.low < -(2**15) or histogram.high >= 2**15:
+                small = None  # an index beyond int16: the symbols are rounded again instead
+            else:
+                small[start * prep.source.cols:stop * prep.source.cols] = block
+    return small, histogram
+
+
+def _index_symbols(prep: Prepared, steps: Steps) -> tuple[np.ndarray, int | None, Histogram]:
+    """The ``#q`` symbols (indices, or index pairs on large tensors) and their histogram."""
+    small, indices = _indices(prep, steps)
+    width = pair_width_of(*indices.items()) if prep.source.size >= PAIR_MIN else None
+    if width is None and small is not None:
+        return small, None, indices  # int16 symbols: coded as int32 without making them
+    count = prep.source.size if width is None else (prep.source.size + 1) // 2
+    symbols = np.empty(count, np.int32)
+    histogram = Histogram((0, width * width - 1)) if width is not None else indices
+    position = 0
+    if small is not None:  # index pairs from the int16 indices, chunk by chunk
+        chunk = 2 * CHUNK_ELEMENTS
+        for start in range(0, small.size, chunk):
+            block = pair_symbols(small[start:start + chunk], width)
+            symbols[position:position + block.size] = block
+            position += block.size
+            histogram.add(block)
+        return symbols, width, histogram
+    for _, _, q, _ in rounded(prep, steps, even=True):
+        block = q.astype(np.int32).reshape(-1)
+        if width is not None:
+            block = pair_symbols(block, width)
+            histogram.add(block)
+        symbols[position:position + block.size] = block
+        position += block.size
+    return symbols, width, histogram
+
+
+def _codes_part(name: str, part: str, codes: np.ndarray) -> PendingSection:
+    return PendingSection(part_name(name, part), symbol_payload(codes), Kind.PART,
+                          {"dtype": "int32", "shape": list(codes.shape)})
 
 
 def encode_quantized(name: str, tensor: torch.Tensor, *, rel_error: float | None = None, bits: float | None = None,
@@ -64,7 +127,10 @@ def encode_quantized(name: str, tensor: torch.Tensor, *, rel_error: float | None
     :class:`~.calibrated.TensorCalibration`) and a ``rel_error`` target, the
     output error of plain rounding at ``rel_error`` — or at ``calibrated_rel_error``
     when given, the recipe's allocation for calibrated packing — is met with fewer
-    bits (:func:`quantize_calibrated`)."""
+    bits (:func:`quantize_calibrated`).
+
+    Data-free, the tensor is read in chunks of rows (never converted to float32 whole):
+    memory is the tensor, its symbols and their code."""
     for key, value in (("rel_error", rel_error), ("bits", bits), ("calibrated_rel_error", calibrated_rel_error)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not 0 < value < math.inf):
@@ -77,52 +143,84 @@ def encode_quantized(name: str, tensor: torch.Tensor, *, rel_error: float | None
         raise UsageError(f"{name}: only floating-point tensors can be quantized")
     if granularity not in GRANULARITIES:
         raise UsageError(f"{name}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if (rel_error is None) == (bits is None):
+        raise UsageError(f"{name}: give exactly one of rel_error or bits")
     shape = list(tensor.shape)
-    w = tensor.detach().float().cpu().numpy()
     rows = shape[0] if len(shape) >= 2 else 1
-    w2 = w.reshape(rows, w.size // rows if rows else 0)
-    if granularity == "group" and w2.shape[1] % group_size:
+    cols = tensor.numel() // rows if rows else 0
+    if granularity == "group" and cols % group_size:
         granularity = "channel"  # the row length does not split into groups
-    if granularity == "rowcol" and (len(shape) < 2 or w2.shape[1] < 2):
+    if granularity == "rowcol" and (len(shape) < 2 or cols < 2):
         granularity = "channel"  # a vector has no columns to scale
+    if tensor.numel() == 0 or (calibration is not None and rel_error is not None):
+        return _encode_whole(name, tensor, rows, cols, rel_error, bits, granularity, group_size, calibration)
+    prep = prepare(RowSource(tensor, rows, cols), granularity, group_size)
     target = rel_error
     for _ in range(8):
-        result = quantize_codes(w2, rel_error=target, bits=bits, granularity=granularity, group_size=group_size)
-        q, steps, err = result.q, result.steps, result.rel_error
+        choice = zero_choice(prep) if prep.norm == 0 else search(prep, rel_error=target, bits=bits)
+        err = choice.rel_error
         if tensor.dtype == torch.float32:
             break
         # the decoder casts back to the original dtype: report (and bound) that error
-        err = _restored_error(tensor, q, steps, granularity, group_size)
+        err = _restored_error(prep, choice.steps)
         if rel_error is None or err <= rel_error or target < rel_error / 2:
             break
         target *= 0.97  # the cast's rounding pushed it over: aim a little lower
+    symbols, width, histogram = _index_symbols(prep, choice.steps)
+    model = CategoricalModel(fit_table_counts(*histogram.items()))
+    return _sections(name, tensor, granularity, group_size, choice.base, symbols, width, model, prep.row_codes,
+                     prep.col_codes, err)
+
+
+def _encode_whole(name: str, tensor: torch.Tensor, rows: int, cols: int, rel_error: float | None,
+                  bits: float | None, granularity: str, group_size: int,
+                  calibration: TensorCalibration | None) -> Encoded:
+    """The whole float32 view at once: calibrated rounding (GPTQ needs it) and empty tensors."""
+    w2 = tensor.detach().float().cpu().numpy().reshape(rows, cols)
+    target = rel_error
+    for _ in range(8):
+        result = quantize_codes(w2, rel_error=target, bits=bits, granularity=granularity, group_size=group_size)
+        err = result.rel_error
+        if tensor.dtype == torch.float32 or tensor.numel() == 0:
+            break
+        err = _whole_restored_error(tensor, result.q, result.steps, granularity, group_size)
+        if rel_error is None or err <= rel_error or target < rel_error / 2:
+            break
+        target *= 0.97
     if calibration is not None and rel_error is not None:
         result, granularity = quantize_calibrated(w2, result, calibration, granularity, group_size)
-        q, steps = result.q, result.steps
-        err = _restored_error(tensor, q, steps, granularity, group_size) if tensor.dtype != torch.float32 \
-            else result.rel_error
-    params = {"dtype": dtype_name(tensor.dtype), "shape": shape, "granularity": granularity,
-              "step_base": result.base}
+        err = _whole_restored_error(tensor, result.q, result.steps, granularity, group_size) \
+            if tensor.dtype != torch.float32 else result.rel_error
+    width = pair_width(result.q)
+    symbols = result.q.ravel() if width is None else pair_symbols(result.q, width)
+    return _sections(name, tensor, granularity, group_size, result.base, symbols, width, None, result.row_codes,
+                     result.col_codes, err)
+
+
+def _whole_restored_error(tensor: torch.Tensor, q: np.ndarray, steps: Steps, granularity: str,
+                          group_size: int) -> float:
+    restored = torch.from_numpy(dequantize(q, steps, granularity, group_size)).to(tensor.dtype).double().reshape(-1)
+    original = tensor.detach().double().reshape(-1)
+    return float((original - restored).norm() / original.norm()) if float(original.norm()) > 0 else 0.0
+
+
+def _sections(name: str, tensor: torch.Tensor, granularity: str, group_size: int, base: float, symbols: np.ndarray,
+              width: int | None, model: CategoricalModel | None, row_codes: np.ndarray,
+              col_codes: np.ndarray | None, err: float) -> Encoded:
+    params = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape), "granularity": granularity,
+              "step_base": base}
     if granularity == "group":
         params["group_size"] = group_size
-
-    def codes_part(part: str, codes: np.ndarray) -> PendingSection:
-        return PendingSection(part_name(name, part), symbol_payload(codes), Kind.PART,
-                              {"dtype": "int32", "shape": list(codes.shape)})
-
-    width = pair_width(q)
-    symbols = q.ravel() if width is None else pair_symbols(q, width)
     if width is not None:
         params["pair"] = width
-    head = PendingSection(name, encode_payload(b"", Codec.RAW), Kind.QUANTIZED, params)
     sections = [
-        head,
-        PendingSection(part_name(name, "q"), symbol_payload(symbols), Kind.PART,
+        PendingSection(name, encode_payload(b"", Codec.RAW), Kind.QUANTIZED, params),
+        PendingSection(part_name(name, "q"), symbol_payload(symbols, model=model), Kind.PART,
                        {"dtype": "int32", "shape": [symbols.size]}),
-        codes_part("step", result.row_codes),
+        _codes_part(name, "step", row_codes),
     ]
-    if result.col_codes is not None:
-        sections.append(codes_part("colscale", result.col_codes))
+    if col_codes is not None:
+        sections.append(_codes_part(name, "colscale", col_codes))
     return Encoded(name, f"quantized/{granularity}", sections, tensor.numel(), err)
 
 
@@ -199,6 +297,13 @@ def decode_quantized(head: SectionInfo, reader: Reader) -> torch.Tensor:
         if tuple(col_scales.shape) != (1, cols):
             raise FormatError(f"{label}: column scales have shape {list(col_scales.shape)}, expected {[1, cols]}")
         steps = (steps, col_scales)
-    w = dequantize(q.reshape(rows, cols), steps, granularity, group_size).reshape(shape)
-    return torch.from_numpy(np.ascontiguousarray(w)).reshape(shape).to(torch_dtype(head.params["dtype"]))
+    # Ŵ = q · step in float32, cast to the dtype: chunk by chunk into the output (no float32 copy of it all)
+    out = torch.empty(count, dtype=torch_dtype(head.params["dtype"]))
+    target, q = storage_view(out), q.reshape(rows, cols)
+    chunk_rows = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, chunk_rows):
+        stop = min(rows, start + chunk_rows)
+        block = q[start:stop].astype(np.float32) * block_steps(steps, start, stop, cols, granularity, group_size)
+        target[start * cols:stop * cols] = float32_to(block, out.dtype).reshape(-1)
+    return out.reshape(shape)
 

@@ -13,9 +13,9 @@ import numpy as np
 
 from ncz.format import FormatError
 
-__all__ = ["PAIR_WIDTHS", "pair_width", "pair_symbols", "unpair_symbols"]
+__all__ = ["PAIR_WIDTHS", "PAIR_MIN", "pair_width", "pair_width_of", "pair_symbols", "unpair_symbols"]
 
-_PAIR_MIN = 1 << 20  # weights: smaller tensors keep one symbol per index (the K² table would cost too much)
+PAIR_MIN = 1 << 20  # weights: smaller tensors keep one symbol per index (the K² table would cost too much)
 PAIR_WIDTHS = (4, 8, 16, 32, 64)  # K: K² ≤ 4096 regular pair symbols, the most one ANS table holds
 _PAIR_ESCAPES = 1e-4  # the largest share of escaped pairs accepted (an escape costs ~7 bytes)
 _PAIR_LIMIT = 1 << 14  # |index| bound for an escaped pair to fit an int32 symbol
@@ -23,17 +23,23 @@ _PAIR_LIMIT = 1 << 14  # |index| bound for an escaped pair to fit an int32 symbo
 
 def pair_width(q: np.ndarray) -> int | None:
     """The smallest K for which adjacent index pairs almost always fit a K × K alphabet, or None."""
-    if q.size < _PAIR_MIN:
+    if q.size < PAIR_MIN:
         return None
-    lo, hi = int(q.min()), int(q.max())
+    values, counts = np.unique(q, return_counts=True)
+    return pair_width_of(values, counts)
+
+
+def pair_width_of(values: np.ndarray, counts: np.ndarray) -> int | None:
+    """:func:`pair_width` from a histogram of the indices (distinct ``values`` ascending, their ``counts``)."""
+    size = int(counts.sum())
+    if size < PAIR_MIN:
+        return None
+    lo, hi = int(values[0]), int(values[-1])
     if max(-lo, hi) >= _PAIR_LIMIT:
         return None
-    counts = np.bincount((q.ravel() - lo).astype(np.int64))
-    cumulative = np.concatenate(([0], np.cumsum(counts)))
     for k in PAIR_WIDTHS:
-        first, last = max(-k // 2 - lo, 0), min(k - k // 2 - lo, counts.size)  # indices -K/2 .. K/2-1
-        outside = 1 - (cumulative[max(last, first)] - cumulative[first]) / q.size
-        if 2 * outside <= _PAIR_ESCAPES:
+        inside = int(counts[(values >= -k // 2) & (values < k - k // 2)].sum())  # indices -K/2 .. K/2-1
+        if 2 * (1 - inside / size) <= _PAIR_ESCAPES:
             return k
     return None
 
