@@ -31,7 +31,7 @@ EXPECTED = {
     "ncz.codec": {
         "CodecConfig", "CodecRuntime", "HyperpriorCodec", "Pixels", "choose_quality", "decode_section",
         "default_weights_path", "encode_pixels", "export_codec", "load_codec", "read_image", "write_image",
-        "write_image_section", "SGASchedule", "RefineResult", "refine_latents", "encode", "decode",
+        "write_image_section", "SGASchedule", "SGAProgress", "RefineResult", "refine_latents", "encode", "decode",
         "encode_images", "decode_images", "image_names", "ImageEncoder", "verify_section",
     },
 }

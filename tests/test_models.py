@@ -205,6 +205,10 @@ def test_cli_pack_info_unpack(tmp_path, capsys):
     assert "quantized" in out and "exact" in out
     assert main(["verify", str(tmp_path / "c.ncz")]) == 0
     assert main(["unpack", str(tmp_path / "c.ncz"), "-o", str(tmp_path / "c.safetensors")]) == 0
+    assert main(["unpack", str(tmp_path / "c.ncz"), "-o", str(tmp_path / "c1.safetensors"), "--workers", "1"]) == 0
+    assert (tmp_path / "c1.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
+    assert main(["unpack", str(tmp_path / "c.ncz"), "-o", str(tmp_path / "c0.safetensors"), "--workers", "0"]) == 2
+    assert not (tmp_path / "c0.safetensors").exists()
     recipe = tmp_path / "r.toml"
     recipe.write_text('[[rule]]\npattern = "*.weight"\nrepresentation = "quantized"\nbits = 3.0\n'
                       '[[rule]]\npattern = "*"\nrepresentation = "lossless"\n')

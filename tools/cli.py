@@ -210,9 +210,11 @@ def cmd_pack(args: argparse.Namespace) -> int:
 def cmd_unpack(args: argparse.Namespace) -> int:
     from ncz.models import unpack
 
+    if args.workers < 1:
+        raise _Usage(f"--workers must be >= 1, got {args.workers}")
     bar = _Bar("unpack", not args.quiet and sys.stderr.isatty())
     try:
-        count = unpack(args.input, args.output, progress=bar)
+        count = unpack(args.input, args.output, progress=bar, workers=args.workers)
     finally:
         bar.close()
     if not args.quiet:
@@ -434,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("unpack", help="restore dense tensors from a model archive")
     p.add_argument("input", help="model archive .ncz")
     p.add_argument("-o", "--output", required=True, help="OUT.safetensors or OUT.pt")
+    p.add_argument("--workers", type=int, default=2,
+                   help="decoder processes for a .safetensors output (default 2; 1: none)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_unpack)
 
