@@ -64,8 +64,9 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 WORD_EMBEDDING = "bert.embeddings.word_embeddings"
-TARGET_REDUCTION = 0.974  # of the fp32 safetensors bytes
-TARGET_DROP_POINTS = 1.0
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nlu_report import TARGET_DROP_POINTS, TARGET_REDUCTION, markdown, plot, write_markdown  # noqa: E402
 
 from ncz.models import (  # noqa: E402
     QuantAware,
@@ -599,46 +600,11 @@ def run(args, encoder_factory=minilm) -> dict[str, Any]:
     return result
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # the JSON is the result
-        print("matplotlib missing: no plot", file=sys.stderr)
-        return
-    rows = [r for r in result["variants"] if "bytes" in r]
-    fp32 = next(r for r in rows if r["name"] == "safetensors fp32")
-    fig, ax = plt.subplots(figsize=(8.5, 5.2))
-    families = {"safetensors": ("k", "*"), "gguf": ("tab:purple", "s"), "nncodec": ("tab:gray", "^"),
-                "ncz task": ("tab:red", "o"), "ncz": ("tab:blue", "o")}
-    floor = result["uncompressed_accuracy"] - 15
-    for r in rows:
-        family = next(f for f in families if r["name"].startswith(f))
-        color, marker = families[family]
-        y = max(r["metric"], floor)
-        ax.scatter(r["bytes"], y, color=color, marker=marker, s=60 if family == "ncz task" else 36, zorder=3)
-        label = r["name"] + (f" ({r['metric']:.1f})" if r["metric"] < floor else "")
-        ax.annotate(label, (r["bytes"], y), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    budget = (1 - TARGET_REDUCTION) * fp32["bytes"]
-    ax.axvline(budget, color="tab:red", ls=":", lw=1)
-    ax.axhline(result["uncompressed_accuracy"] - TARGET_DROP_POINTS, color="tab:red", ls=":", lw=1)
-    ax.text(budget, floor + 0.3, " 97.4 % smaller", color="tab:red", fontsize=7)
-    ax.set_xscale("log")
-    ax.set_ylim(floor - 0.5, result["uncompressed_accuracy"] + 1.5)
-    ax.set_xlabel("bytes (whole classifier)")
-    ax.set_ylabel(f"test accuracy (%), {result['dataset']}")
-    ax.set_title(f"Intent classifier (MiniLM-L6 + linear head) on {result['dataset']}: accuracy vs size", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="CLINC150 data_full.json (or its folder), or a train/ test/ folder")
+    p.add_argument("--data", help="CLINC150 data_full.json (or its folder), or a train/ test/ folder")
+    p.add_argument("--from-json", nargs="*", default=None, help="render --markdown from these results, run nothing")
+    p.add_argument("--markdown", default=None, help="write the NLU section into this page (e.g. docs/RESULTS.md)")
     p.add_argument("--out", default=str(RESULTS / "nlu.json"))
     p.add_argument("--runs", default=str(REPO / "runs" / "nlu"), help="trained state and archives (resumable)")
     p.add_argument("--seed", type=int, default=0)
@@ -665,11 +631,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pq-lr", type=float, default=5e-4)
     p.add_argument("--refresh-every", type=int, default=16)
     p.add_argument("--record-command", action=argparse.BooleanOptionalAction, default=True)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.from_json is None and not args.data:
+        p.error("--data is required (or --from-json with --markdown)")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.from_json is not None:
+        paths = [Path(j) for j in args.from_json]
+    else:
+        result = run(args)
+        print(json.dumps({k: v for k, v in result.items() if k != "variants"}, indent=1))
+        for row in result["variants"]:
+            print(json.dumps(row))
+        paths = [Path(args.out)]
+    if args.markdown:
+        results = [(path.resolve().relative_to(REPO) if path.resolve().is_relative_to(REPO) else path,
+                    json.loads(path.read_text(encoding="utf-8"))) for path in paths]
+        write_markdown(Path(args.markdown), markdown(results))
 
 
 if __name__ == "__main__":
-    result = run(parse_args())
-    print(json.dumps({k: v for k, v in result.items() if k != "variants"}, indent=1))
-    for row in result["variants"]:
-        print(json.dumps(row))
+    main()

@@ -126,6 +126,13 @@ def test_tiny_end_to_end(tmp_path, layout):
     assert (REPO / by_name["ncz task-aware (PQ + QAT)"]["archive"]).exists() or \
         Path(by_name["ncz task-aware (PQ + QAT)"]["archive"]).exists()
     assert out.with_suffix(".png").exists() or importlib.util.find_spec("matplotlib") is None
+    page = tmp_path / "RESULTS.md"
+    page.write_text("# Other results\n\nkept\n")
+    for _ in range(2):  # the section is replaced, not appended again; the rest of the page stays
+        nlu.write_markdown(page, nlu.markdown([(out, saved)]))
+    text = page.read_text()
+    assert text.startswith("# Other results") and text.count("## NLU: intent classifier") == 1
+    assert f"| ncz q8 | {by_name['ncz q8']['bytes']:,} |" in text
     # a second run resumes: fine-tuning and the task-aware phase are not redone, the numbers agree
     again = nlu.run(args, encoder_factory=factory)
     assert again["uncompressed_accuracy"] == result["uncompressed_accuracy"]
