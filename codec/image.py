@@ -46,7 +46,10 @@ DEFAULT_MAX_PIXELS = 1 << 26  # 67 megapixels, e.g. 8192 × 8192; about a minute
 
 
 def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)[None]
+    rgb = np.ascontiguousarray(rgb)
+    if not rgb.flags.writeable:  # np.asarray(PIL image) is read-only; torch warns on such arrays
+        rgb = rgb.copy()
+    x = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)[None]
     if x.shape[1] == 1:
         x = x.expand(1, 3, *x.shape[2:])
     return x

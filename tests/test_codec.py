@@ -402,3 +402,17 @@ def test_export_then_init_from_continues_the_same_model(tmp_path):
     state = torch.load(out / "latest.pt", weights_only=True)
     assert CodecConfig.from_dict(state["model_config"]) == first.model_config
     assert state["step"] == 2
+
+
+def test_read_only_pixels_encode_without_a_warning(trained_weights):
+    """np.asarray(PIL image) is read-only: encoding it must not make torch warn at the user."""
+    import warnings
+
+    import ncz.codec
+
+    pixels = np.asarray(Image.fromarray(_photo(40, 56, seed=11)))
+    assert not pixels.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = ncz.codec.encode(pixels, quality=2.0, runtime=trained_weights)
+    assert len(data) > 0
