@@ -127,14 +127,14 @@ class Tokenized:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def batch(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         width = max(len(self.ids[i]) for i in index)
         ids = torch.zeros(len(index), width, dtype=torch.long)
         mask = torch.zeros(len(index), width, dtype=torch.long)
         for row, i in enumerate(index):
             ids[row, : len(self.ids[i])] = torch.tensor(self.ids[i])
             mask[row, : len(self.ids[i])] = 1
-        return ids, mask, torch.tensor([self.labels[i] for i in index])
+        return ids, mask, torch.tensor([self.labels[i] for i in index]), torch.tensor(index)
 
     def ordered(self, size: int) -> list[list[int]]:
         """Deterministic batches sorted by length (evaluation)."""
@@ -200,14 +200,44 @@ def accuracy(model: nn.Module, data: Tokenized, batch: int = 128) -> float:
     model.eval()
     right = 0
     for index in data.ordered(batch):
-        ids, mask, y = data.batch(index)
+        ids, mask, y, _ = data.batch(index)
         right += int((model(ids, mask).argmax(1) == y).sum())
     return 100.0 * right / len(data)
 
 
 def loss_fn(model: nn.Module, batch) -> torch.Tensor:
-    ids, mask, y = batch
+    ids, mask, y, _ = batch
     return F.cross_entropy(model(ids, mask), y)
+
+
+@torch.inference_mode()
+def logits_of(model: nn.Module, data: Tokenized, batch: int = 128) -> torch.Tensor:
+    """The model's logits for every example of ``data`` (eval mode), in ``data``'s order."""
+    model.eval()
+    out = None
+    for index in data.ordered(batch):
+        ids, mask, _, where = data.batch(index)
+        logits = model(ids, mask)
+        out = torch.empty(len(data), logits.shape[1]) if out is None else out
+        out[where] = logits
+    return out
+
+
+def distilled_loss(teacher: torch.Tensor | None, alpha: float, temperature: float):
+    """Cross-entropy, mixed with the KL divergence to the fine-tuned model's logits (Hinton et al. 2015;
+    TernaryBERT distils its low-bit students the same way) when ``alpha`` > 0."""
+
+    def loss(model: nn.Module, batch) -> torch.Tensor:
+        ids, mask, y, index = batch
+        logits = model(ids, mask)
+        ce = F.cross_entropy(logits, y)
+        if teacher is None or alpha == 0:
+            return ce
+        kl = F.kl_div(F.log_softmax(logits / temperature, -1), F.softmax(teacher[index] / temperature, -1),
+                      reduction="batchmean") * temperature**2
+        return (1 - alpha) * ce + alpha * kl
+
+    return loss
 
 
 class Bar:
@@ -475,21 +505,28 @@ def task_aware(fine_tuned: nn.Module, train: Tokenized, books: torch.Tensor, arg
         record = blob["record"]
     else:
         recipe = rest_recipe(args)
+        teacher = None
+        if args.distill > 0:
+            teacher = logits_of(fine_tuned, train)
         rounding = QuantAware(model, recipe, refresh_every=args.refresh_every)
         bar = Bar(args.qat_steps, "task-aware")
+        task_loss = distilled_loss(teacher, args.distill, args.distill_temperature)
 
         def loss_with_rounding(m: nn.Module, batch) -> torch.Tensor:
             rounding.step()  # new steps from the latent weights every refresh_every batches
-            return loss_fn(m, batch)
+            return task_loss(m, batch)
 
         t0 = time.time()
         torch.manual_seed(args.seed)
         finetune_codebooks(model, WORD_EMBEDDING, loss_with_rounding, train.stream(args.batch, args.seed + 1000),
                            steps=args.qat_steps, lr=args.pq_lr, rest_lr=args.qat_lr, codebooks=books,
-                           method="straight-through", seed=args.seed, progress=bar)
+                           method="straight-through", seed=args.seed, progress=bar,
+                           lr_lambda=lambda step: max(0.0, 1 - step / args.qat_steps))  # linear decay to 0
         bar.close()
         rounding.detach()
         record = {"steps": args.qat_steps, "batch": args.batch, "pq_lr": args.pq_lr, "rest_lr": args.qat_lr,
+                  "lr_schedule": "linear decay to 0", "distill": args.distill,
+                  "distill_temperature": args.distill_temperature,
                   "refresh_every": args.refresh_every, "quantized_tensors": len(rounding.names),
                   "seconds": round(time.time() - t0, 1)}
         module = model.bert.embeddings.word_embeddings
@@ -538,7 +575,8 @@ def run(args, encoder_factory=minilm) -> dict[str, Any]:
     quant = signature(pq=pq, bits=args.bits, qk_bits=args.qk_bits, position_bits=args.position_bits,
                       head_bits=args.head_bits)
     aware = signature(quant=quant, steps=args.qat_steps, qat_lr=args.qat_lr, pq_lr=args.pq_lr,
-                      refresh_every=args.refresh_every, batch=args.batch)
+                      refresh_every=args.refresh_every, batch=args.batch, distill=args.distill,
+                      temperature=args.distill_temperature, schedule="linear")
     books_file = workdir / f"kmeans-{pq}.pt"
     if books_file.exists():
         books, kmeans_s = torch.load(books_file)
@@ -626,8 +664,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qk-bits", type=float, default=1.1, help="task-aware: of the attention query/key")
     p.add_argument("--position-bits", type=float, default=2.0)
     p.add_argument("--head-bits", type=float, default=4.0)
-    p.add_argument("--qat-steps", type=int, default=250)
-    p.add_argument("--qat-lr", type=float, default=1e-4)
+    p.add_argument("--qat-steps", type=int, default=500)
+    p.add_argument("--qat-lr", type=float, default=1.5e-4, help="task-aware: peak lr of the rest (linear decay)")
+    p.add_argument("--distill", type=float, default=0.5, help="task-aware: weight of the KL to the fp32 logits")
+    p.add_argument("--distill-temperature", type=float, default=2.0)
     p.add_argument("--pq-lr", type=float, default=5e-4)
     p.add_argument("--refresh-every", type=int, default=16)
     p.add_argument("--record-command", action=argparse.BooleanOptionalAction, default=True)

@@ -130,7 +130,8 @@ def finetune_codebooks(model: nn.Module, embedding_name: str, loss_fn: Callable[
                        subspaces: int | None = None, centroids: int = 256, stages: int = 1,
                        codebooks: torch.Tensor | None = None, train_rest: bool = True, rest_lr: float | None = None,
                        commitment: float = 0.25, tau: tuple[float, float] = (1.0, 0.05), hard_fraction: float = 0.5,
-                       iterations: int = 20, seed: int = 0, progress: Progress | None = None) -> nn.Module:
+                       iterations: int = 20, seed: int = 0, progress: Progress | None = None,
+                       lr_lambda: Callable[[int], float] | None = None) -> nn.Module:
     """Learn the embedding's product quantization jointly with the task; returns ``model``.
 
     The embedding ``embedding_name`` (an ``nn.Embedding``, or a
@@ -144,7 +145,9 @@ def finetune_codebooks(model: nn.Module, embedding_name: str, loss_fn: Callable[
     ``train_rest`` the other parameters train too (at ``rest_lr``, default
     ``lr``). Afterwards every row gets its nearest-centroid codes and the module
     is swapped, in place, for a :class:`CodebookEmbedding`; the model keeps its
-    train/eval mode. ``progress(step, steps, "loss …")`` is called per step.
+    train/eval mode. ``progress(step, steps, "loss …")`` is called per step. ``lr_lambda(step)``
+    multiplies every learning rate (``torch.optim.lr_scheduler.LambdaLR``), e.g. a linear decay so
+    that the last steps settle the codes rather than keep moving them.
     """
     if method not in ("straight-through", "gumbel"):
         raise UsageError(f"method must be 'straight-through' or 'gumbel', got {method!r}")
@@ -188,6 +191,7 @@ def finetune_codebooks(model: nn.Module, embedding_name: str, loss_fn: Callable[
         if rest:
             groups.append({"params": rest, "lr": rest_lr if rest_lr is not None else lr})
     optimizer = torch.optim.Adam(groups)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda is not None else None
     was_training = model.training
     model.train()
     iterator = iter(data_iter)
@@ -210,6 +214,8 @@ def finetune_codebooks(model: nn.Module, embedding_name: str, loss_fn: Callable[
             optimizer.zero_grad(set_to_none=True)
             (loss + pq.aux).backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
             if progress:
                 progress(step + 1, steps, f"loss {float(loss.detach()):.4f}")
     finally:

@@ -244,6 +244,18 @@ def test_task_aware_finetuning_beats_post_training(method, factor):
     assert tuned_loss < factor * ptq_loss, (full, ptq_loss, tuned_loss)
 
 
+def test_lr_lambda_scales_every_learning_rate():
+    """A zero multiplier from the first step trains nothing: codebooks and the rest stay as initialized."""
+    model, train, _ = _teacher_task()
+    books, _ = product_quantize(model.emb.weight, subspaces=2, centroids=8, seed=0)
+    frozen = finetune_codebooks(copy.deepcopy(model), "emb", _task_loss, train, steps=5, lr=0.1, codebooks=books,
+                                lr_lambda=lambda step: 0.0)
+    assert torch.equal(frozen.emb.codebooks, books) and torch.equal(frozen.head.weight, model.head.weight)
+    moved = finetune_codebooks(copy.deepcopy(model), "emb", _task_loss, train, steps=5, lr=0.1, codebooks=books,
+                               lr_lambda=lambda step: 1.0 - step / 5)
+    assert not torch.equal(moved.emb.codebooks, books)
+
+
 def test_finetune_rejects_bad_arguments():
     model, train, _ = _teacher_task()
     with pytest.raises(nf.UsageError):
