@@ -358,15 +358,19 @@ class Bench:
         self.numel = sum(v.numel() for v in state.values() if v.is_floating_point())
         self.rows: list[dict[str, Any]] = []
         self.cache_file = workdir / "rows.json"
-        self.cache = json.loads(self.cache_file.read_text()) if self.cache_file.exists() else {}
         self.key: str | None = None
+
+    def _cache(self) -> dict[str, list[dict[str, Any]]]:
+        # read afresh each time: another run on the same work folder may have added rows meanwhile
+        return json.loads(self.cache_file.read_text()) if self.cache_file.exists() else {}
 
     def reuse(self, key: str) -> bool:
         """True (and the cached rows appended) when variant ``key`` was measured before."""
         self.key = key
-        if key not in self.cache:
+        cached = self._cache().get(key)
+        if not cached:
             return False
-        for row in self.cache[key]:
+        for row in cached:
             self.rows.append(row)
             print(f"  {row['name']:<44} (measured before, {self.cache_file.name})", file=sys.stderr)
         return True
@@ -385,8 +389,10 @@ class Bench:
                (str(archive) if archive else None), **extra}
         self.rows.append(row)
         if self.key is not None:
-            self.cache.setdefault(self.key, []).append(row)
-            self.cache_file.write_text(json.dumps(self.cache, indent=1) + "\n")
+            cache = self._cache()
+            cache.setdefault(self.key, []).append(row)
+            self.cache_file.with_suffix(".tmp").write_text(json.dumps(cache, indent=1) + "\n")
+            self.cache_file.with_suffix(".tmp").replace(self.cache_file)
         print(f"  {name:<44} {size:>11,} B  {row['bits_per_weight']:7.3f} bits/w  acc {metric:6.2f}",
               file=sys.stderr, flush=True)
         return row
