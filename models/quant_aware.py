@@ -10,13 +10,17 @@ steps ``S`` are ncz's own (:func:`~ncz.models.quantized.quantize_codes` with the
 ``bits`` / ``rel_error``, ``granularity`` and ``group_size``), recomputed from the latent weights
 every ``refresh_every`` calls of :meth:`QuantAware.step` (the bisection is cheap, but not per
 batch). After :meth:`QuantAware.detach` the model holds the latent weights again and
-``pack(model.state_dict(), recipe=recipe)`` stores exactly what a refresh on them computes, i.e.
-what the last forward used up to the few weights that crossed a rounding boundary since.
+``pack(model.state_dict(), recipe=rounding.packing_recipe)`` stores exactly what a refresh on them
+computes, i.e. what the last forward used up to the few weights that crossed a rounding boundary
+since. ``packing_recipe`` is the recipe with ``rdoq`` off in its quantized rules (the presets turn
+it on): RDOQ would choose other indices than the rounding the model was trained through.
 
 Calibrated rounding (GPTQ) is not modelled: train data-free, pack data-free.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -94,6 +98,9 @@ class QuantAware:
             raise UsageError(f"refresh_every must be >= 1, got {refresh_every}")
         recipe = Recipe.preset(recipe) if isinstance(recipe, str) else recipe
         self.model, self.recipe, self.refresh_every = model, recipe, refresh_every
+        self.packing_recipe = Recipe(recipe.name, tuple(
+            replace(rule, options={**rule.options, "rdoq": False})
+            if rule.representation == "quantized" and rule.options.get("rdoq") else rule for rule in recipe.rules))
         self.targets: list[_Target] = []
         self._calls = 0
         for module_name, module in list(model.named_modules()):

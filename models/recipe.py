@@ -48,6 +48,7 @@ __all__ = ["Rule", "Recipe", "PRESETS", "TENSOR_CLASSES", "tiered"]
 _RULE_KEYS = {"pattern", "representation", "ndim", "min_numel"}
 # encoder options whose type and range a recipe file must get right (checked on load, not mid-pack)
 _POSITIVE_NUMBERS = {"rel_error", "calibrated_rel_error", "bits", "factor_rel_error", "ratio", "codebook_rel_error"}
+_BOOLEANS = {"rdoq"}
 _POSITIVE_INTS = {"group_size", "rank", "centroids", "subspaces", "stages", "iterations", "zstd_level", "dim"}
 
 
@@ -55,6 +56,9 @@ def _check_option(where: str, key: str, value: Any) -> None:
     if key in _POSITIVE_NUMBERS:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise UsageError(f"{where}: {key} must be a number > 0, got {value!r}")
+    elif key in _BOOLEANS:
+        if not isinstance(value, bool):
+            raise UsageError(f"{where}: {key} must be true or false, got {value!r}")
     elif key in _POSITIVE_INTS:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"{where}: {key} must be an integer >= 1, got {value!r}")
@@ -164,11 +168,13 @@ TENSOR_CLASSES: tuple[tuple[str, tuple[str, ...], str], ...] = (
 )
 
 
-def tiered(rel_errors: dict[str, float], calibrated: dict[str, float] | None = None) -> dict[str, Any]:
+def tiered(rel_errors: dict[str, float], calibrated: dict[str, float] | None = None,
+           rdoq: bool = False) -> dict[str, Any]:
     """A recipe dict quantizing each tensor class of :data:`TENSOR_CLASSES` at its
     ``rel_errors[class]`` (classes left out fall through to later rules), the rest lossless.
     ``calibrated[class]`` is the class's ``calibrated_rel_error``: the target used instead
-    when the archive is packed with calibration statistics."""
+    when the archive is packed with calibration statistics. ``rdoq``: indices chosen for
+    error + λ·bits where that lowers the rate at the same error (``quantized/rdoq.py``)."""
     calibrated = calibrated or {}
     unknown = (set(rel_errors) | set(calibrated)) - {name for name, _, _ in TENSOR_CLASSES}
     if unknown:
@@ -180,6 +186,8 @@ def tiered(rel_errors: dict[str, float], calibrated: dict[str, float] | None = N
         for pattern in patterns:
             rule = {"pattern": pattern, "ndim": [2, 3, 4], "min_numel": 4096, "representation": "quantized",
                     "rel_error": float(rel_errors[name]), "granularity": granularity}
+            if rdoq:
+                rule["rdoq"] = True
             if name in calibrated:
                 rule["calibrated_rel_error"] = float(calibrated[name])
             rules.append(rule)

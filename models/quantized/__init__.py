@@ -4,6 +4,7 @@
   and the search for a relative-error or bits target (:func:`quantize_codes`);
 - :mod:`.calibrated`: GPTQ rounding and frequency-weighted rows with calibration
   statistics (same steps, same layout);
+- :mod:`.rdoq`: indices chosen for error + λ·bits (opt-in ``rdoq``; same layout);
 - :mod:`.pairs`: two indices as one ANS symbol on large tensors;
 - :mod:`.format`: the ``QUANTIZED`` sections (FORMAT.md §5.4).
 

@@ -27,8 +27,10 @@ import torch
 
 from ncz.format import InputError, UsageError
 
+from .rdoq import RDOQ_MAX_BITS, CodeLengths, rdoq_round
 from .steps import (
     Quantized,
+    Steps,
     decoder_steps,
     dequantize,
     expand_steps,
@@ -163,8 +165,40 @@ def _secant_base(evaluate, target: float, base: float, rounds: int = 6):
 
 
 
+def _rate_optimized_rows(w32: np.ndarray, importance: np.ndarray, target: float, base: float, q: np.ndarray,
+                         row_codes: np.ndarray, col_codes: np.ndarray | None, granularity: str,
+                         group_size: int) -> tuple[float, np.ndarray, Steps]:
+    """RDOQ indices of weighted rows at the same weighted error ``target``, with a finer ``base``,
+    when their empirical entropy is below nearest rounding's ``q``'s (else the nearest result back)."""
+    nearest_bits = _entropy(q)
+    if nearest_bits >= RDOQ_MAX_BITS:
+        return base, q, decoder_steps(row_codes, col_codes, base)
+    best = (base, q, decoder_steps(row_codes, col_codes, base), nearest_bits)
+    current = q
+    for _ in range(2):  # table fitted to the last indices ↔ indices chosen under that table
+        lengths = CodeLengths(*np.unique(current.astype(np.int64), return_counts=True))
+
+        def evaluate(b: float, lengths: CodeLengths = lengths):
+            steps = decoder_steps(row_codes, col_codes, b)
+            full = expand_steps(steps, w32.shape, granularity, group_size)
+            q_try = rdoq_round(w32 / full, lengths)
+            return float(np.sum(importance * np.square(w32 - q_try * full, dtype=np.float64))), (q_try, steps)
+
+        b, (current, steps) = _secant_base(evaluate, target, best[0])
+        bits = _entropy(current)
+        if bits < best[3]:
+            best = (b, current, steps, bits)
+    return best[0], best[1], best[2]
+
+
+def _entropy(q: np.ndarray) -> float:
+    counts = np.unique(q, return_counts=True)[1].astype(np.float64)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
 def quantize_calibrated(w: np.ndarray, reference: Quantized, calibration: TensorCalibration, granularity: str,
-                        group_size: int = 64) -> tuple[Quantized, str]:
+                        group_size: int = 64, rdoq: bool = False) -> tuple[Quantized, str]:
     """Requantize the 2-D view ``w`` with calibration statistics
     at the *output* error of ``reference`` (plain rounding at the recipe's target).
 
@@ -172,6 +206,9 @@ def quantize_calibrated(w: np.ndarray, reference: Quantized, calibration: Tensor
     row counts (embedding table) give per-row steps ∝ 1/√(row importance) (granularity
     ``channel``). Returns (result, granularity); the result's ``rel_error`` is the weight
     error, which is *larger* than the reference's: the output error is what is bounded.
+    ``rdoq``: embedding rows are rounded for error + λ·bits (:mod:`.rdoq`) at the same weighted
+    error when that lowers the rate (GPTQ keeps nearest rounding: its linear layers code at more
+    than :data:`~.rdoq.RDOQ_MAX_BITS` bits per index, where RDOQ measured < 0.2 %).
     """
     w32 = np.ascontiguousarray(w, dtype=np.float32)
     norm = math.sqrt(float(np.sum(np.square(w32, dtype=np.float64))))
@@ -226,6 +263,9 @@ def quantize_calibrated(w: np.ndarray, reference: Quantized, calibration: Tensor
         return float(np.sum(importance * np.square(w32 - q * full, dtype=np.float64))), (q, steps)
 
     base, (q, steps) = _secant_base(evaluate, target, reference.base * 2)
+    if rdoq:
+        base, q, steps = _rate_optimized_rows(w32, importance, target, base, q, row_codes, col_codes,
+                                              new_granularity, group_size)
     if np.abs(q).max() >= 2**30:
         return reference, granularity
     rel = weight_error(w32, q, steps, new_granularity, group_size, norm)

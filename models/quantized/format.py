@@ -25,6 +25,7 @@ the group of j for group), then cast to ``dtype`` and reshaped to ``shape``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -48,17 +49,29 @@ from ..representation import (
 from .calibrated import TensorCalibration, quantize_calibrated
 from .pairs import PAIR_MIN, PAIR_WIDTHS, pair_symbols, pair_width, pair_width_of, unpair_symbols
 from .passes import CHUNK_ELEMENTS, BlockedSum, Histogram, RowSource
+from .rdoq import RDOQ_MAX_BITS, CodeLengths, rdoq_rounded, rdoq_search
 from .search import Prepared, block_steps, prepare, quantize_codes, rounded, search, zero_choice
 from .steps import GRANULARITIES, STEP_CODE_RANGE, Steps, dequantize, step_values
 
 __all__ = ["encode_quantized", "check_quantized_head", "decode_quantized"]
 
 
-def _restored_error(prep: Prepared, steps: Steps) -> float:
+Chunks = Callable[[bool], Iterator[tuple[int, int, np.ndarray, np.ndarray]]]  # even -> (start, stop, q, steps)
+
+
+def _nearest(prep: Prepared, steps: Steps) -> Chunks:
+    return lambda even: rounded(prep, steps, even=even)
+
+
+def _rate_optimized(prep: Prepared, steps: Steps, lengths: CodeLengths) -> Chunks:
+    return lambda even: rdoq_rounded(prep, steps, lengths, even=even)
+
+
+def _restored_error(prep: Prepared, chunks: Chunks) -> float:
     """Relative error after the decoder's cast back to the tensor's dtype (chunk by chunk)."""
     squares = BlockedSum()
     original = None if prep.source.exact_float32 else 0.0  # float64 tensors: their own norm
-    for start, stop, q, full in rounded(prep, steps):
+    for start, stop, q, full in chunks(False):
         restored = prep.source.cast_back(np.multiply(q, full, out=q))
         if original is not None:  # float64 tensors: the error against the float64 values
             values = prep.source.original(start, stop)
@@ -71,11 +84,11 @@ def _restored_error(prep: Prepared, steps: Steps) -> float:
     return math.sqrt(squares.result()) / norm if norm > 0 else 0.0
 
 
-def _indices(prep: Prepared, steps: Steps) -> tuple[np.ndarray | None, Histogram]:
+def _indices(prep: Prepared, chunks: Chunks) -> tuple[np.ndarray | None, Histogram]:
     """The indices as int16 (half the memory of int32; None when some index does not fit) and their histogram."""
     histogram = Histogram()
     small: np.ndarray | None = np.empty(prep.source.size, np.int16)
-    for start, stop, q, _ in rounded(prep, steps):
+    for start, stop, q, _ in chunks(False):
         block = q.astype(np.int32).reshape(-1)
         histogram.add(block)
         if small is not None:
@@ -86,9 +99,11 @@ def _indices(prep: Prepared, steps: Steps) -> tuple[np.ndarray | None, Histogram
     return small, histogram
 
 
-def _index_symbols(prep: Prepared, steps: Steps) -> tuple[np.ndarray, int | None, Histogram]:
-    """The ``#q`` symbols (indices, or index pairs on large tensors) and their histogram."""
-    small, indices = _indices(prep, steps)
+def _index_symbols(prep: Prepared, chunks: Chunks,
+                   made: tuple[np.ndarray | None, Histogram]) -> tuple[np.ndarray, int | None, Histogram]:
+    """The ``#q`` symbols (indices, or index pairs on large tensors) and their histogram, from the
+    indices :func:`_indices` ``made`` of ``chunks``."""
+    small, indices = made
     width = pair_width_of(*indices.items()) if prep.source.size >= PAIR_MIN else None
     if width is None and small is not None:
         return small, None, indices  # int16 symbols: coded as int32 without making them
@@ -104,7 +119,7 @@ def _index_symbols(prep: Prepared, steps: Steps) -> tuple[np.ndarray, int | None
             position += block.size
             histogram.add(block)
         return symbols, width, histogram
-    for _, _, q, _ in rounded(prep, steps, even=True):
+    for _, _, q, _ in chunks(True):
         block = q.astype(np.int32).reshape(-1)
         if width is not None:
             block = pair_symbols(block, width)
@@ -122,12 +137,16 @@ def _codes_part(name: str, part: str, codes: np.ndarray) -> PendingSection:
 def encode_quantized(name: str, tensor: torch.Tensor, *, rel_error: float | None = None, bits: float | None = None,
                      granularity: str = "channel", group_size: int = 64,
                      calibration: TensorCalibration | None = None,
-                     calibrated_rel_error: float | None = None) -> Encoded:
+                     calibrated_rel_error: float | None = None, rdoq: bool = False) -> Encoded:
     """Quantize ``tensor`` (see :mod:`.steps`); with ``calibration`` (a
     :class:`~.calibrated.TensorCalibration`) and a ``rel_error`` target, the
     output error of plain rounding at ``rel_error`` — or at ``calibrated_rel_error``
     when given, the recipe's allocation for calibrated packing — is met with fewer
     bits (:func:`quantize_calibrated`).
+
+    ``rdoq``: with a ``rel_error`` target, indices are chosen for error + λ·bits
+    (:mod:`.rdoq`) and the step refined until the error is met again, when that lowers
+    the rate (tried only below :data:`~.rdoq.RDOQ_MAX_BITS` bits per index).
 
     Data-free, the tensor is read in chunks of rows (never converted to float32 whole):
     memory is the tensor, its symbols and their code."""
@@ -143,6 +162,8 @@ def encode_quantized(name: str, tensor: torch.Tensor, *, rel_error: float | None
         raise UsageError(f"{name}: only floating-point tensors can be quantized")
     if granularity not in GRANULARITIES:
         raise UsageError(f"{name}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if not isinstance(rdoq, bool):
+        raise UsageError(f"{name}: rdoq must be true or false, got {rdoq!r}")
     if (rel_error is None) == (bits is None):
         raise UsageError(f"{name}: give exactly one of rel_error or bits")
     shape = list(tensor.shape)
@@ -153,7 +174,7 @@ def encode_quantized(name: str, tensor: torch.Tensor, *, rel_error: float | None
     if granularity == "rowcol" and (len(shape) < 2 or cols < 2):
         granularity = "channel"  # a vector has no columns to scale
     if tensor.numel() == 0 or (calibration is not None and rel_error is not None):
-        return _encode_whole(name, tensor, rows, cols, rel_error, bits, granularity, group_size, calibration)
+        return _encode_whole(name, tensor, rows, cols, rel_error, bits, granularity, group_size, calibration, rdoq)
     prep = prepare(RowSource(tensor, rows, cols), granularity, group_size)
     target = rel_error
     for _ in range(8):
@@ -162,11 +183,21 @@ def encode_quantized(name: str, tensor: torch.Tensor, *, rel_error: float | None
         if tensor.dtype == torch.float32:
             break
         # the decoder casts back to the original dtype: report (and bound) that error
-        err = _restored_error(prep, choice.steps)
+        err = _restored_error(prep, _nearest(prep, choice.steps))
         if rel_error is None or err <= rel_error or target < rel_error / 2:
             break
         target *= 0.97  # the cast's rounding pushed it over: aim a little lower
-    symbols, width, histogram = _index_symbols(prep, choice.steps)
+    chunks = _nearest(prep, choice.steps)
+    made = _indices(prep, chunks)
+    if rdoq and rel_error is not None and err > 0 and made[1].entropy() < RDOQ_MAX_BITS:
+        error_of = None if tensor.dtype == torch.float32 else \
+            (lambda steps, lengths: _restored_error(prep, _rate_optimized(prep, steps, lengths)))
+        better = rdoq_search(prep, choice, made[1], rel_error, error_of)
+        if better is not None:
+            choice, err = better.choice, better.choice.rel_error
+            chunks = _rate_optimized(prep, choice.steps, better.lengths)
+            made = _indices(prep, chunks)
+    symbols, width, histogram = _index_symbols(prep, chunks, made)
     model = CategoricalModel(fit_table_counts(*histogram.items()))
     return _sections(name, tensor, granularity, group_size, choice.base, symbols, width, model, prep.row_codes,
                      prep.col_codes, err)
@@ -174,7 +205,7 @@ def encode_quantized(name: str, tensor: torch.Tensor, *, rel_error: float | None
 
 def _encode_whole(name: str, tensor: torch.Tensor, rows: int, cols: int, rel_error: float | None,
                   bits: float | None, granularity: str, group_size: int,
-                  calibration: TensorCalibration | None) -> Encoded:
+                  calibration: TensorCalibration | None, rdoq: bool = False) -> Encoded:
     """The whole float32 view at once: calibrated rounding (GPTQ needs it) and empty tensors."""
     w2 = tensor.detach().float().cpu().numpy().reshape(rows, cols)
     target = rel_error
@@ -188,7 +219,7 @@ def _encode_whole(name: str, tensor: torch.Tensor, rows: int, cols: int, rel_err
             break
         target *= 0.97
     if calibration is not None and rel_error is not None:
-        result, granularity = quantize_calibrated(w2, result, calibration, granularity, group_size)
+        result, granularity = quantize_calibrated(w2, result, calibration, granularity, group_size, rdoq=rdoq)
         err = _whole_restored_error(tensor, result.q, result.steps, granularity, group_size) \
             if tensor.dtype != torch.float32 else result.rel_error
     width = pair_width(result.q)
