@@ -24,6 +24,10 @@ What is measured, in one run:
   CLINC150 *training* queries (never the test queries): GPTQ rounding of the linear
   layers and frequency-weighted embedding rows at the presets' output error. Also
   their cosine out of domain (300 PTB test sentences) next to the data-free presets'.
+* **Index coding** (issue 17 §2, bench/models_coding.py): each lossy preset with nearest rounding
+  against RDOQ (``rdoq = true``), data-free and calibrated, with the bits RDOQ needs at nearest
+  rounding's cosine; the token embedding's row cosines behind the difference; and the bound on
+  what context-adaptive coding of the stored indices could save.
 * **Baselines**: the safetensors file itself; zstd −19 on its bytes; bf16 + zstd −19
   (cosine included); NNCodec (``pip install nncodec``, DeepCABAC with dependent
   quantization ``use_dq=True``, its default; 1-D parameters at its default fine
