@@ -527,11 +527,12 @@ def task_aware(fine_tuned: nn.Module, train: Tokenized, books: torch.Tensor, arg
         finetune_codebooks(model, WORD_EMBEDDING, loss_with_rounding, train.stream(args.batch, args.seed + 1000),
                            steps=args.qat_steps, lr=args.pq_lr, rest_lr=args.qat_lr, codebooks=books,
                            method="straight-through", seed=args.seed, progress=bar,
-                           lr_lambda=lambda step: max(0.0, 1 - step / args.qat_steps))  # linear decay to 0
+                           lr_lambda=None if args.qat_schedule == "constant" else
+                           lambda step: max(0.0, 1 - step / args.qat_steps))  # linear decay to 0
         bar.close()
         rounding.detach()
         record = {"steps": args.qat_steps, "batch": args.batch, "pq_lr": args.pq_lr, "rest_lr": args.qat_lr,
-                  "lr_schedule": "linear decay to 0", "distill": args.distill,
+                  "lr_schedule": args.qat_schedule, "distill": args.distill,
                   "distill_temperature": args.distill_temperature,
                   "refresh_every": args.refresh_every, "quantized_tensors": len(rounding.names),
                   "seconds": round(time.time() - t0, 1)}
@@ -582,7 +583,7 @@ def run(args, encoder_factory=minilm) -> dict[str, Any]:
                       head_bits=args.head_bits)
     aware = signature(quant=quant, steps=args.qat_steps, qat_lr=args.qat_lr, pq_lr=args.pq_lr,
                       refresh_every=args.refresh_every, batch=args.batch, distill=args.distill,
-                      temperature=args.distill_temperature, schedule="linear")
+                      temperature=args.distill_temperature, schedule=args.qat_schedule)
     books_file = workdir / f"kmeans-{pq}.pt"
     if books_file.exists():
         books, kmeans_s = torch.load(books_file)
@@ -670,8 +671,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qk-bits", type=float, default=1.1, help="task-aware: of the attention query/key")
     p.add_argument("--position-bits", type=float, default=2.0)
     p.add_argument("--head-bits", type=float, default=4.0)
-    p.add_argument("--qat-steps", type=int, default=500)
+    p.add_argument("--qat-steps", type=int, default=250)
     p.add_argument("--qat-lr", type=float, default=1.5e-4, help="task-aware: peak lr of the rest (linear decay)")
+    p.add_argument("--qat-schedule", choices=["linear", "constant"], default="linear",
+                   help="task-aware: lr decays linearly to 0, or stays constant")
     p.add_argument("--distill", type=float, default=0.5, help="task-aware: weight of the KL to the fp32 logits")
     p.add_argument("--distill-temperature", type=float, default=2.0)
     p.add_argument("--pq-lr", type=float, default=5e-4)

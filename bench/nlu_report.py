@@ -21,17 +21,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
         return
     rows = [r for r in result["variants"] if "bytes" in r]
     fp32 = next(r for r in rows if r["name"] == "safetensors fp32")
-    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    fig, ax = plt.subplots(figsize=(11, 5.2))
     families = {"safetensors": ("k", "*"), "gguf": ("tab:purple", "s"), "nncodec": ("tab:gray", "^"),
                 "ncz task": ("tab:red", "o"), "ncz": ("tab:blue", "o")}
     floor = result["uncompressed_accuracy"] - 15
-    for r in rows:
+    # points crowd near the top: each gets a number, the legend beside the plot names it
+    for number, r in enumerate(sorted(rows, key=lambda r: r["bytes"]), 1):
         family = next(f for f in families if r["name"].startswith(f))
         color, marker = families[family]
         y = max(r["metric"], floor)
-        ax.scatter(r["bytes"], y, color=color, marker=marker, s=60 if family == "ncz task" else 36, zorder=3)
-        label = r["name"] + (f" ({r['metric']:.1f})" if r["metric"] < floor else "")
-        ax.annotate(label, (r["bytes"], y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.scatter(r["bytes"], y, color=color, marker=marker, s=60 if family == "ncz task" else 36, zorder=3,
+                   label=f"{number}  {r['name']}: {r['metric']:.2f} %, {r['bytes'] / 1e6:.2f} MB")
+        ax.annotate(str(number), (r["bytes"], y), fontsize=7, xytext=(3, 4 if number % 2 else -10),
+                    textcoords="offset points")
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, handletextpad=0.3)
     budget = (1 - TARGET_REDUCTION) * fp32["bytes"]
     ax.axvline(budget, color="tab:red", ls=":", lw=1)
     ax.axhline(result["uncompressed_accuracy"] - TARGET_DROP_POINTS, color="tab:red", ls=":", lw=1)
