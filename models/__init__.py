@@ -3,6 +3,7 @@
 - checkpoints in: :func:`open_checkpoint` (safetensors, state_dict, HF folder; never unpickles)
 - archives: :func:`pack`, :func:`load_state_dict`, :func:`unpack`, :func:`describe`, :func:`load_into`
 - recipes and presets: :class:`Recipe`
+- sized by a task metric: :func:`pack_for_metric` (one global scale on a recipe's error targets)
 - representations, listed once in :mod:`ncz.models.registry`: lossless (raw / zstd / byte
   planes), quantized (+ entropy coding), low-rank, dictionary, codebook
 - calibration on real inputs (GPTQ for linear layers, frequency-weighted embedding rows):
@@ -38,6 +39,7 @@ from .dictionary import DictionaryLinear, encode_dictionary, encode_dictionary_g
 from .embedding import finetune_codebooks, packable_state_dict
 from .lowrank import LowRankConv2d, LowRankLinear, select_ranks, stable_rank_penalty
 from .lowrank.plan import plan_lowrank
+from .metric_search import MetricPackResult, MetricPoint, pack_for_metric
 from .quant_aware import QuantAware
 from .recipe import PRESETS, TENSOR_CLASSES, Recipe, Rule, tiered
 
@@ -55,6 +57,9 @@ __all__ = [
     "LoadReport",
     "pack",
     "unpack",
+    "pack_for_metric",
+    "MetricPackResult",
+    "MetricPoint",
     "TensorSource",
     "Calibration",
     "calibrate",
