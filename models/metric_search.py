@@ -151,7 +151,7 @@ class _Search:
         scale = 2.0 ** u
         path = self.scratch / f"candidate-{len(self.curve)}.ncz"
         report = pack(self.source, path, recipe=scaled_recipe(self.recipe, scale), **self.pack_options)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = _sha256(path)
         evaluated = digest not in self.metric_by_digest
         if evaluated:
             self.evaluations += 1
@@ -178,6 +178,14 @@ class _Search:
             if point is not best and id(point) in self.paths:
                 path, _ = self.paths.pop(id(point))
                 path.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _power_law_step(point: MetricPoint, max_drop: float, upward: bool) -> float:

@@ -182,3 +182,13 @@ def test_non_finite_metric_at_a_setting_breaks_the_bound(task, tmp_path):
     check_curve(result)
     assert math.isfinite(result.metric)
     assert any(math.isinf(p.metric) and not p.meets_bound for p in result.curve)
+
+
+def test_checkpoint_file_input(task, tmp_path):
+    model, x, y = task
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    loss = loss_of(model, x, y)
+    result = pack_for_metric(tmp_path / "model.pt", loss, 0.02, output=tmp_path / "m.ncz", higher_is_better=False,
+                             relative=True, max_evaluations=4)
+    assert result.evaluations <= 4 and result.chosen.meets_bound
+    assert loss(load_state_dict(tmp_path / "m.ncz")) == result.metric
