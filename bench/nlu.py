@@ -371,7 +371,7 @@ class Bench:
         if not cached:
             return False
         for row in cached:
-            self.rows.append(row)
+            self.rows.append({**row, "reused": True})
             print(f"  {row['name']:<44} (measured before, {self.cache_file.name})", file=sys.stderr)
         return True
 
@@ -648,7 +648,8 @@ def run(args, encoder_factory=minilm) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="CLINC150 data_full.json (or its folder), or a train/ test/ folder")
-    p.add_argument("--from-json", nargs="*", default=None, help="render --markdown from these results, run nothing")
+    p.add_argument("--from-json", nargs="*", default=None,
+                   help="re-render the plots (and --markdown) from these results, run nothing")
     p.add_argument("--markdown", default=None, help="write the NLU section into this page (e.g. docs/RESULTS.md)")
     p.add_argument("--out", default=str(RESULTS / "nlu.json"))
     p.add_argument("--runs", default=str(REPO / "runs" / "nlu"), help="trained state and archives (resumable)")
@@ -690,6 +691,8 @@ def main() -> None:
     args = parse_args()
     if args.from_json is not None:
         paths = [Path(j) for j in args.from_json]
+        for path in paths:  # re-rendered from the JSON alone
+            plot(json.loads(path.read_text(encoding="utf-8")), path.with_suffix(".png"))
     else:
         result = run(args)
         print(json.dumps({k: v for k, v in result.items() if k != "variants"}, indent=1))
