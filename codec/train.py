@@ -371,12 +371,18 @@ class ThreadTuner:
     and keeps whichever median step time is lower (by more than 10%). A probe
     whose first measured step is over twice the current median is cut short,
     and after each probe that does not switch the interval doubles (up to
-    ``max_backoff`` times), so a hopeless setting costs little.
+    ``max_backoff`` times), so a hopeless setting costs little. A probe also
+    comes after ``probe_after_s`` seconds, however few steps they held: when
+    other jobs start, a step can take ten times longer, and a step-counted
+    interval then kept the worse setting for most of an hour (session 6).
     """
 
-    def __init__(self, max_threads: int, probe_every: int = 300, probe_len: int = 6, max_backoff: int = 8):
+    def __init__(self, max_threads: int, probe_every: int = 300, probe_len: int = 6, max_backoff: int = 8,
+                 probe_after_s: float = 600.0):
         self.candidates = sorted({1, max(1, int(max_threads))})
         self.base_every, self.probe_len, self.max_backoff = probe_every, probe_len, max_backoff
+        self.probe_after_s = probe_after_s
+        self.seconds_since_probe = 0.0
         self.probe_every = probe_every
         self.current = self.candidates[0]
         self.times = {c: [] for c in self.candidates}
@@ -403,7 +409,9 @@ class ThreadTuner:
             t.append(dt)
             del t[:-self.probe_len]
             self.since_probe += 1
-            if self.since_probe >= self.probe_every and len(t) >= self.probe_len:
+            self.seconds_since_probe += dt
+            due = self.since_probe >= self.probe_every or self.seconds_since_probe >= self.probe_after_s
+            if due and len(t) >= self.probe_len:
                 self.probe = [c for c in self.candidates if c != self.current][0]
                 self.probe_left = self.probe_len + 1
                 self.times[self.probe] = []
@@ -423,7 +431,7 @@ class ThreadTuner:
             self.probe_every = self.base_every
         else:
             self.probe_every = min(self.probe_every * 2, self.base_every * self.max_backoff)
-        self.probe, self.since_probe = None, 0
+        self.probe, self.since_probe, self.seconds_since_probe = None, 0, 0.0
         torch.set_num_threads(self.current)
         return {"event": "threads", "threads": self.current, "previous": old,
                 "median_s": {str(old): round(cur_t, 4),

@@ -213,6 +213,29 @@ def test_thread_tuner_switches_to_faster_setting():
         torch.set_num_threads(before)
 
 
+def test_thread_tuner_probes_after_a_time_too():
+    """Steps that slow down tenfold (other jobs started) must not delay the next probe by tenfold."""
+    from ncz.codec.train import ThreadTuner
+
+    before = torch.get_num_threads()
+    try:
+        tuner = ThreadTuner(2, probe_every=1000, probe_len=3, probe_after_s=60.0)
+        fake = {1: 3.0, 2: 1.0}
+        for _ in range(1000 - 2 * 3):  # the early first probe: 1 -> 2 threads
+            tuner.record(fake[tuner.active])
+            if tuner.current == 2:
+                break
+        assert tuner.current == 2
+        fake = {1: 2.0, 2: 20.0}  # load arrived: 2 threads now 10x slower
+        steps = 0
+        while tuner.current == 2 and steps < 100:
+            tuner.record(fake[tuner.active])
+            steps += 1
+        assert tuner.current == 1 and steps <= 10  # ~60 s of slow steps, not 1,000 steps
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_subpixel_deconv_is_the_same_function():
     from ncz.codec.networks import SubpixelDeconv
 
