@@ -17,6 +17,18 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 VECTORS = REPO / "tests" / "vectors"
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for tests of small models and ops: on a shared 2-core machine OpenMP's
+    barriers made two threads many times slower than one (MS-SSIM: 1.6 s of CPU against 0.06 s)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def shared_data(*parts: str) -> Path:
     """A path under ../shared/data, or skip the test with the reason."""
     path = SHARED_DATA.joinpath(*parts)

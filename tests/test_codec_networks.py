@@ -20,14 +20,7 @@ from ncz.codec.train import TrainConfig, Trainer, add_levels, evaluate_codec
 TINY = dict(N=16, M=24, lambdas=(0.002, 0.01, 0.05))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared
-    CPU OpenMP barriers make multi-threaded tiny ops many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: tests/conftest.py says why
 
 
 def _tiny(seed=0, **kw):

@@ -25,14 +25,7 @@ from ncz.models.lossless import encode_lossless
 from ncz.models.quantized import encode_quantized
 from ncz.models.representation import relative_error, symbol_payload
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small batched ops: thread hand-offs cost more than they save on a shared box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: tests/conftest.py says why
 
 
 def _atoms(rng: np.random.Generator, d: int, k: int) -> np.ndarray:

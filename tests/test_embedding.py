@@ -18,14 +18,7 @@ from ncz.models.codebook import CodebookEmbedding, encode_codebook, product_quan
 from ncz.models.codebook.pq import assign_stages
 from ncz.models.embedding import finetune_codebooks, packable_state_dict
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors on shared cores: one thread is faster and keeps timings stable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: tests/conftest.py says why
 
 
 def _clustered(rows: int = 600, dim: int = 32, seed: int = 0) -> torch.Tensor:

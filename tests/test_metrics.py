@@ -39,14 +39,7 @@ RD_KODAK = json.loads((REPO / "bench" / "results" / "rd_kodak.json").read_text()
 CURVE = ([0.15, 0.3, 0.6, 1.2, 2.0], [27.0, 30.1, 33.4, 36.2, 38.0])  # bpp, dB: a typical image codec's shape
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """MS-SSIM runs small grouped convolutions: on a loaded 2-core machine one thread took 0.06 s where
-    two took 1.6 s of CPU (spinning while they wait for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: tests/conftest.py says why
 
 
 def _kodim23() -> np.ndarray:

@@ -22,14 +22,7 @@ from ncz.codec.image import ImageEncoder, decode_section, write_image_section
 from ncz.codec.networks import gaussian_likelihood, lower_bound
 from ncz.codec.refine import SGAProgress, SGASchedule, _Relaxation, refine_latents
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these tiny models gain nothing from two, and timings stay sane on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: tests/conftest.py says why
 
 
 @pytest.fixture(scope="module")
