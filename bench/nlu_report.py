@@ -10,7 +10,8 @@ TARGET_REDUCTION = 0.974  # of the fp32 safetensors bytes
 TARGET_DROP_POINTS = 1.0
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (said on stderr) when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -18,6 +19,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # the JSON is the result
         print("matplotlib missing: no plot", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
         return
     rows = [r for r in result["variants"] if "bytes" in r]
     fp32 = next(r for r in rows if r["name"] == "safetensors fp32")
@@ -90,12 +98,13 @@ def markdown(results: list[tuple[Path, dict[str, Any]]]) -> str:
     return "\n".join(lines + [MARK_END]) + "\n"
 
 
-def write_markdown(page: Path, section: str) -> None:
-    """Replace this benchmark's block in ``page`` (or append it), leaving the rest of the page alone."""
+def write_markdown(page: Path, section: str, begin: str = MARK_BEGIN, end: str = MARK_END) -> None:
+    """Replace the block between ``begin`` and ``end`` (this benchmark's by default) in ``page`` (or
+    append it), leaving the rest of the page alone; bench/ptb.py writes its own block with it."""
     text = page.read_text(encoding="utf-8") if page.exists() else ""
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(MARK_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section.rstrip("\n") + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     page.write_text(text, encoding="utf-8")

@@ -428,6 +428,26 @@ def test_stable_rank_penalty_values_and_gradient():
     assert torch.allclose(w.grad.double(), expected, atol=1e-4 * float(expected.abs().max()))
 
 
+def test_stable_rank_penalty_covers_lstm_and_embedding_matrices():
+    """An LSTM keeps its matrices as ``weight_ih_l0``/``weight_hh_l0`` parameters, not Linear layers, and
+    plan_lowrank factorizes embedding tables: the penalty reaches both under their state-dict names."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"embedding": nn.Embedding(50, 12), "lstm": nn.LSTM(12, 8, 2)})
+    names = ["embedding.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.weight_ih_l1", "lstm.weight_hh_l1"]
+    ranks = {name: 3 for name in names}
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        expected = np.mean([float((s[3:] ** 2).sum() / s[0] ** 2)
+                            for s in (torch.linalg.svdvals(params[n].double()) for n in names)])
+    assert abs(stable_rank_penalty(model, ranks, method="svd").item() - expected) < 1e-4 * expected
+    for _ in range(5):
+        power = stable_rank_penalty(model, ranks, iterations=20)
+    assert abs(power.item() - expected) < 1e-2 * expected
+    power.backward()
+    assert all(params[n].grad is not None and float(params[n].grad.abs().sum()) > 0 for n in names)
+    assert params["lstm.bias_ih_l0"].grad is None  # vectors are not factorized
+
+
 def test_penalty_removes_the_tail_and_keeps_the_head():
     """Descending the penalty alone: the energy beyond rank r vanishes, the top-r part stays put.
 

@@ -38,7 +38,7 @@ from .svd import matrix_shape
 __all__ = ["stable_rank_penalty"]
 
 
-_FACTORIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_FACTORIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 _STATES: weakref.WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
@@ -77,11 +77,25 @@ def _subspace(w: torch.Tensor, k: int, state: torch.Tensor | None, iterations: i
     return q @ vec.flip(1)
 
 
+def _weights(model: nn.Module):
+    """(state-dict name, weight) of every matrix :func:`plan_lowrank` would factorize: Linear,
+    ConvNd and Embedding weights, and an RNN's ``weight_ih_l*`` / ``weight_hh_l*`` (an LSTM keeps its
+    matrices as parameters of one module, not as Linear layers)."""
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, _FACTORIZABLE):
+            yield prefix + "weight", module.weight
+        elif isinstance(module, nn.RNNBase):
+            for name, weight in module._parameters.items():
+                if name.startswith("weight_") and weight is not None:
+                    yield prefix + name, weight
+
+
 def stable_rank_penalty(model: nn.Module, ranks: Mapping[str, int] | float | None = None, *,
                         iterations: int = 1, method: str = "power", detach_sigma: bool = True) -> torch.Tensor:
     """BSR's modified stable rank, averaged over the model's factorizable layers (a differentiable loss term).
 
-    For each ``nn.Linear`` / ``nn.ConvNd`` weight W (matrix view out × in·k…)
+    For each ``nn.Linear`` / ``nn.ConvNd`` / ``nn.Embedding`` weight and RNN matrix W (matrix view out × in·k…)
     with target rank r:  srank_r(W) = (‖W‖_F² − Σ_{i≤r} σ_i²) / σ_1²  (see the
     module docstring). Add ``λ · stable_rank_penalty(model, ranks)`` to the
     training loss (λ ≈ 1 worked on the digits MLP); ranks from
@@ -109,11 +123,7 @@ def stable_rank_penalty(model: nn.Module, ranks: Mapping[str, int] | float | Non
         raise UsageError(f"a fractional target rank must be in (0, 1], got {ranks!r}")
     states = _STATES.setdefault(model, {})
     terms = []
-    for module_name, module in model.named_modules():
-        if not isinstance(module, _FACTORIZABLE):
-            continue
-        name = f"{module_name}.weight" if module_name else "weight"
-        weight = module.weight
+    for name, weight in _weights(model):
         m, n = matrix_shape(weight.shape)
         full = min(m, n)
         if isinstance(ranks, Mapping):
