@@ -56,7 +56,8 @@ Usage::
     python bench/models.py                     # full run (~30–40 min wall on 2 busy cores)
     python bench/models.py --quick             # 200 sentences, 3 NNCodec points, short sweep
     python bench/models.py --no-nncodec
-    python bench/models.py --derive            # re-derive the presets' per-class errors (~3 min)
+    python bench/models.py --derive            # re-derive the presets' per-class errors on five text sets
+                                               # (bench/models_presets.py, which also checks the promise)
     python bench/models.py --index-coding      # only the RDOQ / context-modelling section (~10 min), kept
                                                # in the existing JSON (bench/models_coding.py says what)
 
@@ -93,7 +94,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CLINC = REPO.parent / "shared" / "data" / "nlu" / "clinc150" / "data_full.json"
 PTB = REPO.parent / "shared" / "data" / "text" / "ptb" / "ptb.test.txt"
 RESULTS = REPO / "bench" / "results"
 PRESET_NAMES = ("lossless", "q8", "q4", "small")
@@ -123,8 +123,7 @@ def load_minilm():
 
 def clinc_sentences(count: int) -> list[str]:
     """The first ``count`` CLINC150 test queries, in file order (deterministic)."""
-    data = json.loads(CLINC.read_text(encoding="utf-8"))
-    return [text for text, _intent in data["test"][:count]]
+    return _sibling("text_sets").clinc150("test")[:count]
 
 
 def make_batches(tokenizer, sentences: list[str], batch_size: int = 100) -> list[tuple[list[int], dict]]:
@@ -269,9 +268,9 @@ def run_preset(name: str, recipe, source: Path, numel: int, dense_bytes: int, ev
 
 def calibration_sentences(count: int) -> list[str]:
     """``count`` CLINC150 *training* queries, evenly spaced (the test queries stay unseen)."""
-    data = json.loads(CLINC.read_text(encoding="utf-8"))["train"]
+    data = _sibling("text_sets").clinc150("train")
     stride = max(1, len(data) // count)
-    return [text for text, _intent in data[::stride][:count]]
+    return data[::stride][:count]
 
 
 def ptb_sentences(count: int) -> list[str]:
@@ -411,103 +410,6 @@ def nncodec_sweep(source: Path, numel: int, evaluate: Evaluator, qps: tuple[int,
 
 
 # --------------------------------------------------------------------------
-# deriving the per-class allocation (--derive)
-# --------------------------------------------------------------------------
-
-PROBES = {"token_embedding": (0.1, 0.2, 0.3), "position_embedding": (0.02, 0.05, 0.1)}
-DEFAULT_PROBES = (0.01, 0.02, 0.05)
-DERIVE_TARGETS = (0.0009, 0.005, 0.018)  # total drops behind q8, q4, small
-
-
-def derive_allocation(model, tokenizer, sentences: int = 300, calibration=None) -> dict[str, Any]:
-    """Per-class sensitivity and the per-class relative errors behind the presets.
-
-    On the first ``sentences`` CLINC150 *validation* queries (the test queries
-    stay for the benchmark): every 2-D+ tensor of ≥ 4096 values is assigned its
-    class (``ncz.models.recipe.TENSOR_CLASSES``); each class alone is quantized at
-    three probe errors with the class's granularity, and the output-cosine drop
-    (1 − mean cosine) and index entropy are recorded. Fits: log drop linear in
-    log e (slope ≈ 2: drop ≈ s·e²) and bits linear in log2 e. For each total drop
-    D, the bits Σ nᵢ·bitsᵢ(eᵢ) subject to Σ dropᵢ(eᵢ) = D are minimized with a
-    Lagrange multiplier over a grid of e (equal marginal drop per bit). Classes
-    whose drop is below 1e-7 at every probe (unused here, e.g. BERT's pooler for
-    sentence embeddings) get the most conservative error of the others.
-
-    With ``calibration`` each probe is packed with it (``rel_error`` is then the
-    target of the plain-rounding reference whose output error is met) and the
-    bits are the coded bits of the archive's tensors: the allocation behind the
-    presets' ``calibrated_rel_error``.
-    """
-    from ncz.models.quantized import dequantize, quantize_codes
-    from ncz.models.recipe import TENSOR_CLASSES
-
-    data = json.loads(CLINC.read_text(encoding="utf-8"))
-    val = [text for text, _ in data["val"][:sentences]]
-    evaluate = Evaluator(model, make_batches(tokenizer, val), len(val))
-    state = evaluate.original
-    granularity = {name: g for name, _, g in TENSOR_CLASSES}
-    members: dict[str, list[str]] = {}
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and tensor.dim() >= 2 and tensor.numel() >= 4096:
-            members.setdefault(tensor_class(name), []).append(name)
-    measured: dict[str, list[dict[str, float]]] = {}
-    for cls, names in members.items():
-        for e in PROBES.get(cls, DEFAULT_PROBES):
-            trial, bits, count = {}, 0.0, 0
-            if calibration is not None:
-                from ncz.models import Recipe, load_state_dict, pack, tiered
-
-                with tempfile.TemporaryDirectory() as tmp:
-                    report = pack({n: state[n] for n in names}, Path(tmp) / "probe.ncz",
-                                  recipe=Recipe.from_dict(tiered({cls: e}), "probe"), calibration=calibration)
-                    trial = load_state_dict(Path(tmp) / "probe.ncz")
-                bits = 8.0 * sum(t.stored_bytes for t in report.tensors)
-                count = sum(t.numel for t in report.tensors)
-            for name in (names if calibration is None else ()):
-                w = state[name].float().numpy().reshape(state[name].shape[0], -1)
-                result = quantize_codes(w, rel_error=e, granularity=granularity[cls])
-                trial[name] = torch.from_numpy(dequantize(result.q, result.steps, granularity[cls])).reshape(
-                    state[name].shape)
-                p = np.bincount((result.q - result.q.min()).ravel()) / result.q.size
-                p = p[p > 0]
-                bits += float(-(p * np.log2(p)).sum()) * result.q.size
-                count += result.q.size
-            drop = 1 - evaluate(trial)["cosine"]
-            measured.setdefault(cls, []).append({"rel_error": e, "drop": drop, "bits": bits / count, "weights": count})
-            print(f"  {cls} e={e}: drop {drop:.3g}, {bits / count:.3f} bits", file=sys.stderr, flush=True)
-    total = sum(t.numel() for t in state.values())
-    grid = np.exp(np.linspace(math.log(0.002), math.log(0.6), 600))
-    models, insensitive = {}, []
-    for cls, points in measured.items():
-        e = np.log([p["rel_error"] for p in points])
-        if max(p["drop"] for p in points) < 1e-7:
-            insensitive.append(cls)
-            continue
-        drop_fit = np.polyfit(e, np.log([max(p["drop"], 1e-12) for p in points]), 1)
-        bits_fit = np.polyfit(e, [p["bits"] for p in points], 1)
-        models[cls] = (np.exp(np.polyval(drop_fit, np.log(grid))), np.polyval(bits_fit, np.log(grid)),
-                       points[0]["weights"], float(drop_fit[0]))
-    allocations = {}
-    for target in DERIVE_TARGETS:
-        lo, hi = 1e-6, 1e6
-        for _ in range(200):
-            lam = math.sqrt(lo * hi)
-            choice = {c: int(np.argmin(n * b + lam * total * d)) for c, (d, b, n, _) in models.items()}
-            drop = sum(models[c][0][i] for c, i in choice.items())
-            lo, hi = (lam, hi) if drop > target else (lo, lam)
-        errors = {c: float(grid[i]) for c, i in choice.items()}
-        for cls in insensitive:
-            errors[cls] = min(errors.values())
-        predicted_bits = sum(models[c][2] * models[c][1][i] for c, i in choice.items())
-        allocations[str(target)] = {"rel_error": errors, "predicted_drop": float(drop),
-                                    "predicted_bits_of_these_classes": float(predicted_bits / sum(
-                                        models[c][2] for c in choice))}
-    return {"sentences": len(val), "data": "CLINC150 data_full.json, split val, first sentences",
-            "measured": measured, "drop_slope": {c: m[3] for c, m in models.items()},
-            "insensitive_here": insensitive, "allocations": allocations}
-
-
-# --------------------------------------------------------------------------
 # plot
 # --------------------------------------------------------------------------
 
@@ -595,9 +497,7 @@ def index_coding(model, tokenizer, calibration_count: int, source: Path, numel: 
                  evaluate: Evaluator, tmp: Path, log) -> dict[str, Any]:
     """Issue 17 §2: nearest rounding against RDOQ per preset (data-free and calibrated), and what
     context modelling of the stored indices could save on top (bench/models_coding.py)."""
-    spec = importlib.util.spec_from_file_location("bench_models_coding", Path(__file__).with_name("models_coding.py"))
-    coding = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(coding)
+    coding = _sibling("models_coding")
     calibration = None
     if calibration_count > 0:
         from ncz.models import calibrate
@@ -609,6 +509,17 @@ def index_coding(model, tokenizer, calibration_count: int, source: Path, numel: 
                                            calibration, log),
             "embedding_direction": coding.embedding_direction(source, tmp, log),
             "context_modelling": coding.context_gain(source, tmp, log)}
+
+
+def _sibling(name: str):
+    """A module of bench/ (not a package), loaded once by path."""
+    key = f"bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
 
 
 def _decoded(name: str, source: Path, tmp: Path) -> dict[str, torch.Tensor]:
@@ -631,31 +542,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="CLINC150 training queries for the calibrated presets (0: skip them)")
     parser.add_argument("--out", type=Path, default=RESULTS / "models.json")
     parser.add_argument("--derive", action="store_true",
-                        help="measure per-class sensitivity on validation sentences and print the allocation "
-                             "behind the presets (writes models_derivation.json instead)")
+                        help="re-derive the presets' data-free allocation on five text sets "
+                             "(bench/models_presets.py --derive: models_derivation.json)")
     parser.add_argument("--derive-calibrated", action="store_true",
-                        help="the same with calibrated packing (--calibration-sentences CLINC150 training "
-                             "queries): the presets' calibrated_rel_error (models_derivation_calibrated.json)")
+                        help="the same for calibrated_rel_error, each set calibrated on its own training text "
+                             "(bench/models_presets.py --derive-calibrated: models_derivation_calibrated.json)")
     parser.add_argument("--index-coding", action="store_true",
                         help="only nearest rounding vs RDOQ and the context-modelling bound (issue 17 §2); "
                              "replaces the 'index_coding' section of --out and keeps the rest")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.derive or args.derive_calibrated:
-        model, tokenizer, _ = load_minilm()
-        calibration = None
-        if args.derive_calibrated:
-            from ncz.models import calibrate
-
-            texts = calibration_sentences(args.calibration_sentences)
-            calibration = calibrate(model, [encoded for _, encoded in make_batches(tokenizer, texts)],
-                                    source=f"CLINC150 train, {len(texts)} queries")
-        derivation = _round(derive_allocation(model, tokenizer, calibration=calibration))
-        out = args.out.with_name("models_derivation_calibrated.json" if calibration else "models_derivation.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(derivation, indent=1) + "\n", encoding="utf-8")
-        print(json.dumps(derivation, indent=1))
-        return derivation
+        presets = _sibling("models_presets")
+        return presets.main(["--derive-calibrated" if args.derive_calibrated else "--derive"])
     count = 200 if args.quick else args.sentences
 
     from safetensors import safe_open
