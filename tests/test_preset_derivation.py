@@ -10,6 +10,9 @@ import sys
 import pytest
 from conftest import REPO, shared_data
 
+from ncz.models import PRESETS
+from ncz.models.recipe import TENSOR_CLASSES
+
 
 def _bench(name: str):
     key = f"bench_{name}"
@@ -160,3 +163,36 @@ def test_settle_lands_in_the_band_below_the_target(scale):
     assert mp.SETTLE_BAND * 1e-3 <= worst <= 1e-3
     assert settled["y"] / settled["x"] == pytest.approx(1 / 3)  # one factor for all classes
     assert len(history) == len(calls) <= 4
+
+
+# --- the presets are the derivation's ------------------------------------------
+
+
+def _preset_errors(name: str, key: str) -> dict[str, float]:
+    by_pattern = {pattern: cls for cls, patterns, _ in TENSOR_CLASSES for pattern in patterns}
+    return {by_pattern[r["pattern"]]: r[key] for r in PRESETS[name]["rule"] if key in r}
+
+
+@pytest.mark.parametrize("kind", ["data_free", "calibrated"])
+def test_presets_are_the_committed_derivation(kind):
+    """recipe.py's numbers are those bench/models_presets.py derived (bench/results/models_derivation*.json)."""
+    name = "models_derivation.json" if kind == "data_free" else "models_derivation_calibrated.json"
+    derivation = json.loads((REPO / "bench" / "results" / name).read_text(encoding="utf-8"))
+    assert derivation["calibrated"] == (kind == "calibrated")
+    assert set(derivation["sets"]) == set(ts.TEXT_SETS)
+    key = "rel_error" if kind == "data_free" else "calibrated_rel_error"
+    for preset, entry in derivation["presets"].items():
+        assert _preset_errors(preset, key) == pytest.approx(entry["rel_error"], rel=1e-9), preset
+
+
+def test_docs_state_the_promise_as_measured():
+    """docs/MODELS.md's promise tables are bench/models_presets.py's rendering of models_presets.json."""
+    result = json.loads((REPO / "bench" / "results" / "models_presets.json").read_text(encoding="utf-8"))
+    docs = (REPO / "docs" / "MODELS.md").read_text(encoding="utf-8")
+    assert set(result["presets"]) == {"q8", "q4", "small"}
+    for key in ("presets", "clinc150_only_allocation"):
+        assert mp.markdown_table(result, key) in docs, key
+    # the committed presets are the ones measured
+    for preset, entry in result["presets"].items():
+        assert entry["promise"] == mp.PROMISE[preset]
+        assert entry["recipe"] == PRESETS[preset], preset
