@@ -17,7 +17,9 @@ measurements decide whether that pays on this model before any format is built:
    d ∈ {−2, −1, 1, 2} alone and the exact cost change measured with the coder's integer h_s and
    context; ``log₂ Σ_d p(ẑ + d)/p(ẑ_best)`` per element is what a mean-field q built from those
    alternatives returns, extrapolated to all elements (an optimistic bound: it ignores that moves
-   interact). The element's best move is reported too (what a discrete search of ẑ could gain).
+   interact). The element's best move is reported too (what a discrete search of ẑ could gain on
+   this lattice; on the coder's own lattice, ŷ = round(y − μ) + μ, a real search gains far less:
+   docs/CODEC.md).
 
     python bench/bits_back.py [--data ../shared/data/kodak] [--every 8] [--qualities 0 2 6] [--samples 40]
 
