@@ -560,7 +560,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
     p.add_argument("--variants", nargs="*", default=None, choices=GROUPS,
                    help="only these groups of variants (none: training, derivation, safetensors)")
-    p.add_argument("--nncodec-qps", type=int, nargs="*", default=[-22, -30, -38])
+    p.add_argument("--nncodec-qps", type=int, nargs="*", default=[-14, -16, -18, -22, -30, -38])
     p.add_argument("--quant-scales", type=float, nargs="*", default=[0.5, 1.0, 1.5, 2.0, 3.0],
                    help="multiples of the derived per-class errors (1: +1 %% validation perplexity by the fit)")
     p.add_argument("--lowrank-ratios", type=float, nargs="*", default=[1.5, 2.0, 3.0])
@@ -570,7 +570,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "at 1.5 bits one K takes minutes on this LSTM)")
     p.add_argument("--dictionary-iterations", type=int, default=10, help="OMP/MOD sweeps per candidate")
     p.add_argument("--max-rise", type=float, default=0.02, help="pack_for_metric: relative perplexity rise allowed")
-    p.add_argument("--finetune-ratios", type=float, nargs="*", default=[2.0])
+    p.add_argument("--finetune-ratios", type=float, nargs="*", default=[1.5, 2.0])
     p.add_argument("--finetune-dictionary-bits", type=float, nargs="*", default=[2.0])
     p.add_argument("--finetune-steps", type=int, default=300)
     p.add_argument("--finetune-lr", type=float, default=5e-4)

@@ -66,6 +66,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
                    label=f"{number}  {r['name']}: {r['metric']:.2f}, {r['bytes'] / 1e6:.2f} MB")
         ax.annotate(str(number), (r["bytes"], y), fontsize=7, xytext=(3, 4 if number % 2 else -10),
                     textcoords="offset points")
+    curve = sorted((r for r in rows if family(r["name"]) == "ncz quantized"), key=lambda r: r["bytes"])
+    ax.plot([r["bytes"] for r in curve], [min(r["metric"], ceiling) for r in curve], color="tab:blue", lw=0.8,
+            alpha=0.6, zorder=2)  # the quantization curve the other methods are measured against
     ax.legend(fontsize=5.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, handletextpad=0.3)
     ax.axvline(full / TARGET_RATIO, color="tab:red", ls=":", lw=1)
     ax.axhline(base * (1 + TARGET_RISE), color="tab:red", ls=":", lw=1)
@@ -109,7 +112,16 @@ def markdown(result: dict[str, Any], json_path: Path) -> str:
                          f"{full / r['bytes']:.2f}× smaller; curve (scale, bits/weight, validation): "
                          + ", ".join(f"({p['scale']:.3g}, {p['bits_per_weight']:.2f}, {p['valid_ppl']:.2f})"
                                      if p["scale"] is not None else "(lossless)" for p in r["curve"]))
-    lines += ["- size–perplexity front (no smaller variant has a lower perplexity): "
+    within = []
+    for fam in FAMILIES:
+        rows = [r for r in _rows(result) if family(r["name"]) == fam and rise(result, r) <= TARGET_RISE + 1e-9]
+        if rows:
+            r = min(rows, key=lambda r: r["bytes"])
+            within.append(f"{fam}: {full / r['bytes']:.1f}× ({r['name']}, {100 * rise(result, r):+.2f} %)")
+        elif any(family(r["name"]) == fam for r in _rows(result)):
+            within.append(f"{fam}: none")
+    lines += [f"- smallest within +{100 * TARGET_RISE:g} %, per family: " + "; ".join(within),
+              "- size–perplexity front (no smaller variant has a lower perplexity): "
               + " → ".join(f"{r['name']} ({full / r['bytes']:.1f}×, {100 * rise(result, r):+.2f} %)"
                            for r in frontier(result)), "",
               "| variant | bytes | bits/weight | × smaller | perplexity | rise % | pack s | unpack s |",
