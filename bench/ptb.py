@@ -432,6 +432,12 @@ def run(args: argparse.Namespace, corpus: Corpus, cfg: TrainConfig, model: LSTML
             if not bench.reuse(key):
                 bench.ncz(f"ncz quantized, PTB recipe ×{s:g}", state, quant_recipe(quant_at[s]), f"quant-x{s:g}.ncz",
                           method="quantization", errors=quant_at[s])
+        # the LSTM alone coarser, the embedding as in the "+ quantization" rows: the LSTM-level comparison
+        for s in args.lstm_scales:
+            errs = {"embedding": quant_at[1.0]["embedding"], "lstm": min(0.5, errors["lstm"] * s)}
+            if not bench.reuse(f"quant {nlu.signature(errors=errs)}"):
+                bench.ncz(f"ncz quantized, PTB recipe ×1, LSTM ×{s:g}", state, quant_recipe(errs),
+                          f"quant-lstm-x{s:g}.ncz", method="quantization", errors=errs)
     rest = quant_recipe(quant_at[1.0])  # what "+ quantization" rows use for the tensors the method leaves
     if "lowrank" in groups:
         for ratio in args.lowrank_ratios:
@@ -563,6 +569,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nncodec-qps", type=int, nargs="*", default=[-14, -16, -18, -22, -30, -38])
     p.add_argument("--quant-scales", type=float, nargs="*", default=[0.5, 1.0, 1.5, 2.0, 3.0],
                    help="multiples of the derived per-class errors (1: +1 %% validation perplexity by the fit)")
+    p.add_argument("--lstm-scales", type=float, nargs="*", default=[2.0, 3.0],
+                   help="quantization rows with only the LSTM's errors scaled (the embedding at ×1)")
     p.add_argument("--lowrank-ratios", type=float, nargs="*", default=[1.5, 2.0, 3.0])
     p.add_argument("--dictionary-bits", type=float, nargs="*", default=[1.0, 2.0])
     p.add_argument("--dictionary-atoms", type=int, nargs="*", default=[256],

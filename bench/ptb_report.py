@@ -123,6 +123,16 @@ def markdown(result: dict[str, Any], json_path: Path) -> str:
             within.append(f"{fam}: {full / r['bytes']:.1f}× ({r['name']}, {100 * rise(result, r):+.2f} %)")
         elif any(family(r["name"]) == fam for r in _rows(result)):
             within.append(f"{fam}: none")
+    anchor = next((r for r in _rows(result) if r["name"] == "ncz quantized, PTB recipe ×1"), None)
+    if anchor is not None:  # the same embedding bytes: the rows differ only in how the LSTM is stored
+        same = sorted((r for r in _rows(result) if r.get("embedding_bytes") == anchor["embedding_bytes"]
+                       and r.get("lstm_bytes")), key=lambda r: r["lstm_bytes"])
+        counts = result["derivation"]["counts"]
+        lstm = counts["lstm"]
+        lines.append(f"- the LSTM's {lstm:,} weights alone, embedding as in ×1 "
+                     f"({8 * anchor['embedding_bytes'] / counts['embedding']:.2f} bits/weight): "
+                     + "; ".join(f"{r['name']}: {8 * r['lstm_bytes'] / lstm:.2f} bits/weight, {r['metric']:.2f}"
+                                 for r in same))
     lines += [f"- smallest within +{100 * TARGET_RISE:g} %, per family: " + "; ".join(within),
               "- size–perplexity front (no smaller variant has a lower perplexity): "
               + " → ".join(f"{r['name']} ({full / r['bytes']:.1f}×, {100 * rise(result, r):+.2f} %)"
