@@ -15,7 +15,11 @@ put the same trained weights through every format side by side and evaluate each
 - ``ncz task-aware``: the headline (Sathyendra et al., COLING 2020: "signal from the downstream
   task is important"): PQ codes and codebooks of the word embedding trained with the intent loss
   (``ncz.models.finetune_codebooks``, straight-through) *jointly* with quantization-aware training
-  of every linear layer (``ncz.models.QuantAware``: the forward rounds with the packer's own steps).
+  of every linear layer (``ncz.models.QuantAware``: the forward rounds with the packer's own steps);
+- ``ncz pack_for_metric (q8 allocation, valid −D points)``: ``ncz.models.pack_for_metric`` sizes the
+  archive by the task metric: the q8 preset's per-class allocation, one global scale searched for the
+  smallest archive whose *validation* accuracy drops at most D points (``--max-drops``, default 0.5
+  and 1); the archive it picks is then evaluated on the test set like every other row.
 
 Data (``--data``): CLINC150's ``data_full.json`` (a file, or a folder holding it: the 150 in-scope
 intents, test on the in-scope test set, out-of-scope queries left out), or a folder with
@@ -30,6 +34,10 @@ finished phase is not redone. Usage::
 
     nice -n 5 python bench/nlu.py --data ../shared/data/nlu/clinc150            # bench/results/nlu.json
     nice -n 5 python bench/nlu.py --data ../shared/data/nlu/snips --out bench/results/nlu_snips.json
+    python bench/nlu.py --data ../shared/data/nlu/clinc150 --variants metric     # merged into nlu.json
+
+``--variants`` measures only those groups (formats, task-aware, presets, metric) and merges their rows
+into the existing ``--out`` (a row of the same name is replaced; the rest of the file is kept).
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
+GROUPS = ("formats", "task-aware", "presets", "metric")
 RESULTS = REPO / "bench" / "results"
 WORD_EMBEDDING = "bert.embeddings.word_embeddings"
 
@@ -74,6 +83,7 @@ from ncz.models import (  # noqa: E402
     finetune_codebooks,
     load_state_dict,
     pack,
+    pack_for_metric,
     packable_state_dict,
     product_quantize,
 )
@@ -544,6 +554,50 @@ def task_aware(fine_tuned: nn.Module, train: Tokenized, books: torch.Tensor, arg
     return state, recipe, record
 
 
+def metric_variants(bench: Bench, model: nn.Module, valid: Tokenized, drops: list[float], recipe_name: str,
+                    max_evaluations: int) -> None:
+    """``pack_for_metric`` on validation accuracy, at most ``drop`` points lost, one row per drop.
+
+    The search sees only the validation split; the archive it returns is evaluated on the test set
+    (``bench.evaluate``) like every other row. ``pack_s`` is the whole search (its evaluations included).
+    """
+    recipe = Recipe.preset(recipe_name)
+    for drop in drops:
+        key = f"metric {signature(recipe=repr(recipe), drop=drop, max_evaluations=max_evaluations)}"
+        if bench.reuse(key):
+            continue
+        path = bench.workdir / f"metric-{key[7:]}.ncz"
+        t0 = time.perf_counter()
+        result = pack_for_metric(model, lambda m: accuracy(m, valid), drop, output=path, recipe=recipe,
+                                 max_evaluations=max_evaluations, workers=1)
+        search_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        loaded = load_state_dict(path)
+        unpack_s = time.perf_counter() - t0
+        bench.add(f"ncz pack_for_metric ({recipe_name} allocation, valid −{drop:g} points)", result.file_bytes,
+                  bench.evaluate(loaded), search_s, unpack_s, path, method="pack_for_metric", max_drop_points=drop,
+                  valid_metric=round(result.metric, 3), valid_baseline=round(result.baseline, 3),
+                  evaluations=result.evaluations, lossless_fallback=result.lossless_fallback,
+                  curve=[{"scale": p.scale, "bytes": p.file_bytes, "bits_per_weight": round(p.bits_per_weight, 4),
+                          "valid_accuracy": round(p.metric, 3), "drop_points": round(p.drop, 3),
+                          "met": p.meets_bound} for p in result.curve])
+
+
+def metric_settings(args, command: str | None) -> dict[str, Any]:
+    return {"recipe": args.metric_recipe, "max_drops_points": args.max_drops, "max_evaluations": args.max_evaluations,
+            "searched_on": "valid", "command": command}
+
+
+def merge(previous: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """``previous`` (a full run's JSON) with ``result``'s rows: same name replaced in place, new ones appended."""
+    rows = {row["name"]: row for row in result["variants"]}
+    variants = [rows.pop(row["name"], row) for row in previous["variants"]]
+    merged = {**previous, "variants": variants + list(rows.values())}
+    if "pack_for_metric" in result:
+        merged["pack_for_metric"] = result["pack_for_metric"]
+    return merged
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -552,6 +606,10 @@ def run(args, encoder_factory=minilm) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     started = time.time()
+    groups = set(GROUPS if args.variants is None else args.variants)
+    out = Path(args.out)
+    if groups != set(GROUPS) and not out.exists():
+        raise SystemExit(f"--variants {' '.join(sorted(groups))}: merges into {out}, which a full run writes first")
     data = read_dataset(args.data)
     tuned = signature(epochs=args.epochs, batch=args.batch, lr=args.lr, head_lr=args.head_lr, seed=args.seed,
                       max_length=args.max_length)
@@ -572,9 +630,10 @@ def run(args, encoder_factory=minilm) -> dict[str, Any]:
     valid = round(accuracy(model, tokenized["valid"]), 3) if "valid" in tokenized else None
     state = float_state(model)
     bench = Bench(fresh, test, state, workdir)
-    if not bench.reuse("safetensors"):
+    if "metric" in groups and "valid" not in tokenized:
+        raise SystemExit(f"{data.name}: no validation split, and pack_for_metric must not search on the test set")
+    if "formats" in groups and not bench.reuse("safetensors"):
         safetensors_variants(bench, round(fp32, 3))
-    fp32_bytes = next(r["bytes"] for r in bench.rows if r["name"] == "safetensors fp32")
 
     # the headline first (it takes longest), then the post-training rows and the other formats
     pq = signature(subspaces=args.subspaces, centroids=args.centroids, iterations=args.kmeans_iterations,
@@ -584,40 +643,66 @@ def run(args, encoder_factory=minilm) -> dict[str, Any]:
     aware = signature(quant=quant, steps=args.qat_steps, qat_lr=args.qat_lr, pq_lr=args.pq_lr,
                       refresh_every=args.refresh_every, batch=args.batch, distill=args.distill,
                       temperature=args.distill_temperature, schedule=args.qat_schedule)
-    books_file = workdir / f"kmeans-{pq}.pt"
-    if books_file.exists():
-        books, kmeans_s = torch.load(books_file)
-    else:
-        t0 = time.time()
-        books, _ = product_quantize(state[f"{WORD_EMBEDDING}.weight"], subspaces=args.subspaces,
-                                    centroids=args.centroids, iterations=args.kmeans_iterations, seed=args.seed)
-        kmeans_s = time.time() - t0
-        torch.save((books, kmeans_s), books_file)
-    pq_shape = {"subspaces": args.subspaces, "centroids": args.centroids, "kmeans_s": round(kmeans_s, 1)}
-    ta_state, ta_recipe, record = task_aware(model, train, books, args, workdir / f"task-aware-{aware}.pt")
-    if not bench.reuse(f"task-aware {aware}"):
-        bench.ncz("ncz task-aware (PQ + QAT)", ta_state, ta_recipe, f"task-aware-{aware}.ncz", **pq_shape,
-                  train_s=record["seconds"])
-    headline = bench.rows[-1]
-    print(f"task-aware: {headline['bytes']:,} bytes ({100 * (1 - headline['bytes'] / fp32_bytes):.2f} % smaller), "
-          f"accuracy {headline['metric']:.2f} % ({headline['metric'] - fp32:+.2f} points)", file=sys.stderr)
-    ptq = Recipe.from_dict({"rule": [codebook_rule(books, args), *rest_rules(args)]})
-    if not bench.reuse(f"ptq {quant}"):
-        bench.ncz("ncz post-training (task-aware recipe)", state, ptq, f"ptq-{quant}.ncz", extra_pack_s=kmeans_s,
-                  **pq_shape)
-    emb_only = Recipe.from_dict({"rule": [codebook_rule(books, args), {"pattern": "*", "representation": "lossless"}]})
-    if not bench.reuse(f"pq {pq}"):
-        bench.ncz("ncz PQ embeddings (post-training), rest lossless", state, emb_only, f"pq-ptq-{pq}.ncz",
-                  extra_pack_s=kmeans_s, **pq_shape)
-    for preset in args.presets:
-        if not bench.reuse(f"ncz {preset}"):
-            bench.ncz(f"ncz {preset}", state, Recipe.preset(preset), f"{preset}.ncz", lossless_metric=round(fp32, 3))
-    if not args.no_gguf:
-        for kind in ("Q8_0", "Q4_0"):
-            if not bench.reuse(f"gguf {kind}"):
-                gguf_variant(bench, kind)
-    if args.nncodec_qps and not bench.reuse(f"nncodec {args.nncodec_qps}"):
-        nncodec_variants(bench, args.nncodec_qps)
+    if "task-aware" in groups:
+        books_file = workdir / f"kmeans-{pq}.pt"
+        if books_file.exists():
+            books, kmeans_s = torch.load(books_file)
+        else:
+            t0 = time.time()
+            books, _ = product_quantize(state[f"{WORD_EMBEDDING}.weight"], subspaces=args.subspaces,
+                                        centroids=args.centroids, iterations=args.kmeans_iterations, seed=args.seed)
+            kmeans_s = time.time() - t0
+            torch.save((books, kmeans_s), books_file)
+        pq_shape = {"subspaces": args.subspaces, "centroids": args.centroids, "kmeans_s": round(kmeans_s, 1)}
+        ta_state, ta_recipe, record = task_aware(model, train, books, args, workdir / f"task-aware-{aware}.pt")
+        if not bench.reuse(f"task-aware {aware}"):
+            bench.ncz("ncz task-aware (PQ + QAT)", ta_state, ta_recipe, f"task-aware-{aware}.ncz", **pq_shape,
+                      train_s=record["seconds"])
+        headline = bench.rows[-1]
+        if "formats" in groups:
+            fp32_bytes = next(r["bytes"] for r in bench.rows if r["name"] == "safetensors fp32")
+            print(f"task-aware: {headline['bytes']:,} bytes ({100 * (1 - headline['bytes'] / fp32_bytes):.2f} % "
+                  f"smaller), accuracy {headline['metric']:.2f} % ({headline['metric'] - fp32:+.2f} points)",
+                  file=sys.stderr)
+        ptq = Recipe.from_dict({"rule": [codebook_rule(books, args), *rest_rules(args)]})
+        if not bench.reuse(f"ptq {quant}"):
+            bench.ncz("ncz post-training (task-aware recipe)", state, ptq, f"ptq-{quant}.ncz", extra_pack_s=kmeans_s,
+                      **pq_shape)
+        emb_only = Recipe.from_dict({"rule": [codebook_rule(books, args),
+                                              {"pattern": "*", "representation": "lossless"}]})
+        if not bench.reuse(f"pq {pq}"):
+            bench.ncz("ncz PQ embeddings (post-training), rest lossless", state, emb_only, f"pq-ptq-{pq}.ncz",
+                      extra_pack_s=kmeans_s, **pq_shape)
+    if "presets" in groups:
+        for preset in args.presets:
+            if not bench.reuse(f"ncz {preset}"):
+                bench.ncz(f"ncz {preset}", state, Recipe.preset(preset), f"{preset}.ncz",
+                          lossless_metric=round(fp32, 3))
+    if "metric" in groups:
+        metric_variants(bench, model, tokenized["valid"], args.max_drops, args.metric_recipe, args.max_evaluations)
+    if "formats" in groups:
+        if not args.no_gguf:
+            for kind in ("Q8_0", "Q4_0"):
+                if not bench.reuse(f"gguf {kind}"):
+                    gguf_variant(bench, kind)
+        if args.nncodec_qps and not bench.reuse(f"nncodec {args.nncodec_qps}"):
+            nncodec_variants(bench, args.nncodec_qps)
+    command = " ".join(["python", "bench/nlu.py", *sys.argv[1:]]) if args.record_command else None
+    if groups != set(GROUPS):  # a subset: its rows merged into the full run's JSON
+        previous = json.loads(out.read_text(encoding="utf-8"))
+        if abs(previous["uncompressed_accuracy"] - round(fp32, 3)) > 1e-9:
+            raise SystemExit(f"{out} was measured on another model (accuracy {previous['uncompressed_accuracy']} "
+                             f"!= {fp32:.3f}); not merged")
+        result = merge(previous, {"variants": bench.rows})
+        result["merged"] = [*previous.get("merged", []),
+                            {"variants": sorted(groups), "command": command, "total_s": round(time.time() - started, 1),
+                             "load_average": list(os.getloadavg())}]
+        if "metric" in groups:
+            result["pack_for_metric"] = metric_settings(args, command)
+        out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        plot(result, out.with_suffix(".png"))
+        return result
+    fp32_bytes = next(r["bytes"] for r in bench.rows if r["name"] == "safetensors fp32")
     row = headline
 
     met = row["bytes"] <= (1 - TARGET_REDUCTION) * fp32_bytes and fp32 - row["metric"] <= TARGET_DROP_POINTS
@@ -635,10 +720,9 @@ def run(args, encoder_factory=minilm) -> dict[str, Any]:
         "target_met": bool(met), "task_aware_reduction_pct": round(100 * (1 - row["bytes"] / fp32_bytes), 3),
         "task_aware_drop_points": round(fp32 - row["metric"], 3),
         "load_average": list(os.getloadavg()), "total_s": round(time.time() - started, 1),
-        "command": " ".join(["python", "bench/nlu.py", *sys.argv[1:]]) if args.record_command else None,
+        "command": command, "pack_for_metric": metric_settings(args, command),
         "variants": bench.rows,
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     plot(result, out.with_suffix(".png"))
@@ -680,6 +764,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distill-temperature", type=float, default=2.0)
     p.add_argument("--pq-lr", type=float, default=5e-4)
     p.add_argument("--refresh-every", type=int, default=16)
+    p.add_argument("--variants", nargs="*", default=None, choices=GROUPS,
+                   help="only these groups, merged into the existing --out (default: all, --out rewritten)")
+    p.add_argument("--max-drops", type=float, nargs="*", default=[0.5, 1.0],
+                   help="pack_for_metric: validation accuracy points allowed to be lost, one row each")
+    p.add_argument("--metric-recipe", default="q8", help="pack_for_metric: the preset whose allocation is scaled")
+    p.add_argument("--max-evaluations", type=int, default=8, help="pack_for_metric: evaluations, baseline included")
     p.add_argument("--record-command", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
     if args.from_json is None and not args.data:

@@ -31,7 +31,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fp32 = next(r for r in rows if r["name"] == "safetensors fp32")
     fig, ax = plt.subplots(figsize=(11, 5.2))
     families = {"safetensors": ("k", "*"), "gguf": ("tab:purple", "s"), "nncodec": ("tab:gray", "^"),
-                "ncz task": ("tab:red", "o"), "ncz": ("tab:blue", "o")}
+                "ncz task": ("tab:red", "o"), "ncz pack_for_metric": ("tab:green", "D"), "ncz": ("tab:blue", "o")}
     floor = result["uncompressed_accuracy"] - 15
     # points crowd near the top: each gets a number, the legend beside the plot names it
     for number, r in enumerate(sorted(rows, key=lambda r: r["bytes"]), 1):
@@ -94,8 +94,36 @@ def markdown(results: list[tuple[Path, dict[str, Any]]]) -> str:
             lines.append(f"| {v['name']} | {v['bytes']:,} | {v['bits_per_weight']:.3f} | "
                          f"{100 * (1 - v['bytes'] / fp32['bytes']):.2f} % | {v['metric']:.2f} | "
                          f"{v['metric'] - r['uncompressed_accuracy']:+.2f} | {v['pack_s']:.1f} | {v['unpack_s']:.2f} |")
+        lines += metric_lines(r)
         lines += ["", f"![accuracy against size]({Path('..') / Path(json_path).with_suffix('.png')})", ""]
     return "\n".join(lines + [MARK_END]) + "\n"
+
+
+def metric_lines(r: dict[str, Any]) -> list[str]:
+    """What each ``pack_for_metric`` row searched (validation) and what it got (test), with its curve."""
+    rows = [v for v in r["variants"] if v.get("method") == "pack_for_metric"]
+    if not rows:
+        return []
+    settings = r.get("pack_for_metric", {})
+    lines = ["", f"`pack_for_metric` rows (issue 16 §3): the {settings.get('recipe', 'q8')} preset's per-class "
+             "allocation, one global scale searched on **validation** accuracy "
+             f"({r['sizes'].get('valid', 0):,} queries; the test set is never seen by the search), at most "
+             f"{settings.get('max_evaluations', 8)} evaluations; the archive picked is then evaluated on the test "
+             "set (the table). Its pack s is the whole search, evaluations included."
+             + (f" Measured by `{settings['command']}` (rows merged into this JSON)." if settings.get("command")
+                and settings["command"] != r.get("command") else ""), ""]
+    for v in rows:
+        curve = ", ".join(f"({p['scale']:.3g}, {p['bits_per_weight']:.2f}, {p['valid_accuracy']:.2f})"
+                          for p in v.get("curve", []) if p["scale"] is not None)
+        lines.append(f"- {v['name']}: {v['evaluations']} evaluations, validation {v['valid_baseline']:.2f} → "
+                     f"{v['valid_metric']:.2f} % ({v['valid_metric'] - v['valid_baseline']:+.2f} points); test "
+                     f"{v['metric']:.2f} % ({v['metric'] - r['uncompressed_accuracy']:+.2f} points), "
+                     f"{v['bits_per_weight']:.3f} bits/weight; on the test set the bound "
+                     + ("holds" if r["uncompressed_accuracy"] - v["metric"] <= v["max_drop_points"] + 1e-9 else
+                        "does not hold")
+                     + (" (lossless fallback: no scale met the bound)" if v.get("lossless_fallback") else "")
+                     + (f"; curve (scale, bits/weight, validation %): {curve}" if curve else ""))
+    return lines
 
 
 def write_markdown(page: Path, section: str, begin: str = MARK_BEGIN, end: str = MARK_END) -> None:

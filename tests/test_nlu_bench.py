@@ -175,3 +175,54 @@ def test_shared_datasets_read():
     assert len(clinc.labels) == 150 and len(clinc.splits["test"][0]) == 4500
     snips = nlu.read_dataset(SHARED / "snips")
     assert len(snips.labels) == 7 and len(snips.splits["test"][0]) == 700
+
+
+def test_pack_for_metric_rows_merge(tmp_path):
+    """``--variants metric``: pack_for_metric searched on the validation split, its archive scored on the test
+    split, rows merged into the full run's JSON (same name replaced, new ones appended, the rest kept)."""
+    nlu = _bench()
+    factory = _tiny_encoder(tmp_path)
+    data = _write_clinc(tmp_path / "clinc")
+    out = tmp_path / "nlu.json"
+    common = ["--data", str(data), "--out", str(out), "--runs", str(tmp_path / "runs"), "--epochs", "2",
+              "--batch", "8", "--lr", "1e-3", "--nncodec-qps", "--no-gguf", "--subspaces", "4", "--centroids", "8",
+              "--kmeans-iterations", "2", "--qat-steps", "2", "--presets", "lossless", "--threads", "1",
+              "--max-evaluations", "4"]
+    with pytest.raises(SystemExit, match="which a full run writes first"):
+        nlu.run(nlu.parse_args([*common, "--variants", "metric"]), encoder_factory=factory)
+    full = nlu.run(nlu.parse_args([*common, "--max-drops", "5"]), encoder_factory=factory)
+    rows = [v for v in full["variants"] if v.get("method") == "pack_for_metric"]
+    assert [v["name"] for v in rows] == ["ncz pack_for_metric (q8 allocation, valid −5 points)"]
+    row = rows[0]
+    keys = {"name", "bytes", "bits_per_weight", "metric_name", "metric", "pack_s", "unpack_s", "archive"}
+    assert keys <= set(row) and row["metric_name"] == "accuracy"
+    assert row["valid_baseline"] == full["valid_accuracy"]  # the search saw the validation split
+    assert row["valid_baseline"] - row["valid_metric"] <= 5 + 1e-9
+    assert 2 <= row["evaluations"] <= 4 and row["curve"] and Path(row["archive"]).exists()
+    assert {"scale", "bits_per_weight", "valid_accuracy", "met"} <= set(row["curve"][0])
+    before = [v["name"] for v in full["variants"]]
+    seen = []  # the split (by size: 9 validation, 12 test queries) of every accuracy measured
+    measure = nlu.accuracy
+
+    def recording(model, split, *a, **k):
+        seen.append(len(split))
+        return measure(model, split, *a, **k)
+
+    nlu.accuracy = recording
+    try:
+        merged = nlu.run(nlu.parse_args([*common, "--variants", "metric", "--max-drops", "5", "0"]),
+                         encoder_factory=factory)
+    finally:
+        nlu.accuracy = measure
+    new = merged["variants"][-1]
+    # fp32 on test and valid, then the new search on valid only, then its archive once on test
+    assert seen == [12, 9, *[9] * new["evaluations"], 12]
+    names = [v["name"] for v in merged["variants"]]
+    assert names[:len(before)] == before  # same name: replaced in place (cached row reused)
+    assert names[len(before):] == ["ncz pack_for_metric (q8 allocation, valid −0 points)"]
+    assert merged["task_aware"] == full["task_aware"] and merged["command"] == full["command"]
+    assert merged["merged"][-1]["variants"] == ["metric"] and merged["pack_for_metric"]["max_drops_points"] == [5, 0]
+    assert json.loads(out.read_text()) == merged
+    text = nlu.markdown([(out, merged)])
+    assert "- ncz pack_for_metric (q8 allocation, valid −0 points): " in text and "searched on **validation**" in text
+    assert "| ncz pack_for_metric (q8 allocation, valid −5 points) |" in text
