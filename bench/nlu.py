@@ -403,7 +403,7 @@ class Bench:
             cache.setdefault(self.key, []).append(row)
             self.cache_file.with_suffix(".tmp").write_text(json.dumps(cache, indent=1) + "\n")
             self.cache_file.with_suffix(".tmp").replace(self.cache_file)
-        print(f"  {name:<44} {size:>11,} B  {row['bits_per_weight']:7.3f} bits/w  acc {metric:6.2f}",
+        print(f"  {name:<44} {size:>11,} B  {row['bits_per_weight']:7.3f} bits/w  {row['metric_name']} {metric:6.2f}",
               file=sys.stderr, flush=True)
         return row
 
