@@ -79,7 +79,7 @@ def markdown(results: list[tuple[Path, dict[str, Any]]]) -> str:
                   f"- uncompressed test accuracy **{r['uncompressed_accuracy']:.2f} %** after {f['steps']} steps "
                   f"({f['epochs']:g} epoch, batch {f['batch']}, {f['seconds']:.0f} s); "
                   + (f"this invocation {r['total_s']:.0f} s (it resumed the fine-tuned checkpoint and rows an earlier "
-                     "invocation measured, cached under runs/nlu/)" if f["seconds"] > r["total_s"] else
+                     "invocation measured, cached in its --runs folder)" if f["seconds"] > r["total_s"] else
                      f"whole run {r['total_s']:.0f} s"),
                   f"- task-aware: PQ M={t['subspaces']} K={t['centroids']} codes trained with the task, linear layers "
                   f"QAT at {t['bits']:g} bits/weight (q/k {t['qk_bits']:g}), {t['steps']} steps ({t['seconds']:.0f} s)",
