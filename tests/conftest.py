@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import struct
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import msgpack
 import pytest
@@ -27,6 +30,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def load_bench(name: str) -> ModuleType:
+    """``bench/<name>.py`` executed afresh as module ``bench_<name>`` (registered in ``sys.modules``:
+    dataclasses look their module up while a class is built)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def shared_data(*parts: str) -> Path:

@@ -11,11 +11,9 @@ bench/results/rd_kodak.json that the README quotes.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -23,18 +21,9 @@ import torch
 from PIL import Image
 
 from ncz.codec.train import psnr
-from tests.conftest import REPO
+from tests.conftest import REPO, load_bench
 
-
-def _load_rd():
-    spec = importlib.util.spec_from_file_location("bench_rd", REPO / "bench" / "rd.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-rd = _load_rd()
+rd = load_bench("rd")
 RD_KODAK = json.loads((REPO / "bench" / "results" / "rd_kodak.json").read_text())
 CURVE = ([0.15, 0.3, 0.6, 1.2, 2.0], [27.0, 30.1, 33.4, 36.2, 38.0])  # bpp, dB: a typical image codec's shape
 

@@ -10,25 +10,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, load_bench
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "nlu"
 
 WORDS = {"weather": ["rain", "sun", "cold", "forecast"], "music": ["play", "song", "album", "band"],
          "alarm": ["wake", "alarm", "morning", "clock"]}
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_nlu", REPO / "bench" / "nlu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_nlu"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _queries(count: int, seed: int) -> list[tuple[str, str]]:
@@ -62,7 +53,7 @@ def _write_clinc(root: Path) -> Path:
 
 
 def test_read_folder_layout(tmp_path):
-    nlu = _bench()
+    nlu = load_bench("nlu")
     data = nlu.read_dataset(_write_folders(tmp_path / "tiny", dev_name="valid"))
     assert data.layout == "seq.in/label" and data.labels == sorted(WORDS)
     assert [len(data.splits[s][0]) for s in ("train", "valid", "test")] == [60, 9, 13]
@@ -72,7 +63,7 @@ def test_read_folder_layout(tmp_path):
 
 
 def test_read_clinc_layout(tmp_path):
-    nlu = _bench()
+    nlu = load_bench("nlu")
     root = _write_clinc(tmp_path / "clinc")
     for path in (root, root / "data_full.json"):
         data = nlu.read_dataset(path)
@@ -81,7 +72,7 @@ def test_read_clinc_layout(tmp_path):
 
 
 def test_missing_split_is_a_clear_error(tmp_path):
-    nlu = _bench()
+    nlu = load_bench("nlu")
     (tmp_path / "train").mkdir()
     with pytest.raises(SystemExit, match="no train/seq.in"):
         nlu.read_dataset(tmp_path)
@@ -102,7 +93,7 @@ def _tiny_encoder(tmp_path: Path):
 
 @pytest.mark.parametrize("layout", ["folders", "clinc"])
 def test_tiny_end_to_end(tmp_path, layout):
-    nlu = _bench()
+    nlu = load_bench("nlu")
     factory = _tiny_encoder(tmp_path)
     data = _write_folders(tmp_path / "tiny") if layout == "folders" else _write_clinc(tmp_path / "clinc")
     out = tmp_path / "nlu.json"
@@ -170,7 +161,7 @@ def test_quant_aware_rounds_as_the_packer(tmp_path):
 
 @pytest.mark.skipif(not (SHARED / "clinc150" / "data_full.json").exists(), reason="needs ../shared/data/nlu")
 def test_shared_datasets_read():
-    nlu = _bench()
+    nlu = load_bench("nlu")
     clinc = nlu.read_dataset(SHARED / "clinc150")
     assert len(clinc.labels) == 150 and len(clinc.splits["test"][0]) == 4500
     snips = nlu.read_dataset(SHARED / "snips")
@@ -180,7 +171,7 @@ def test_shared_datasets_read():
 def test_pack_for_metric_rows_merge(tmp_path):
     """``--variants metric``: pack_for_metric searched on the validation split, its archive scored on the test
     split, rows merged into the full run's JSON (same name replaced, new ones appended, the rest kept)."""
-    nlu = _bench()
+    nlu = load_bench("nlu")
     factory = _tiny_encoder(tmp_path)
     data = _write_clinc(tmp_path / "clinc")
     out = tmp_path / "nlu.json"

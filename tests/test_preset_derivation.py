@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 
 import pytest
-from conftest import REPO, shared_data
+from conftest import REPO, load_bench, shared_data
 
 from ncz.models import PRESETS
 from ncz.models.recipe import TENSOR_CLASSES
 
-
-def _bench(name: str):
-    key = f"bench_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, REPO / "bench" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
-ts = _bench("text_sets")
-mp = _bench("models_presets")
+ts = load_bench("text_sets")
+mp = load_bench("models_presets")
 
 
 # --- text sets -----------------------------------------------------------------

@@ -9,26 +9,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_data
+from conftest import load_bench, shared_data
 
 from ncz.models import describe, load_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_ptb", REPO / "bench" / "ptb.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_ptb"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _corpus(root: Path, words: int = 60, lines: tuple[int, int, int] = (300, 30, 30)) -> Path:
@@ -46,7 +37,7 @@ def _corpus(root: Path, words: int = 60, lines: tuple[int, int, int] = (300, 30,
 
 
 def test_corpus_vocabulary_and_batches(tmp_path):
-    ptb = _bench()
+    ptb = load_bench("ptb")
     root = tmp_path / "c"
     root.mkdir()
     (root / "ptb.train.txt").write_text(" b a b \n c <unk> b a \n", encoding="utf-8")
@@ -66,7 +57,7 @@ def test_corpus_vocabulary_and_batches(tmp_path):
 
 
 def test_real_ptb_counts():
-    ptb = _bench()
+    ptb = load_bench("ptb")
     corpus = ptb.Corpus.read(shared_data("text", "ptb"))
     assert len(corpus.vocab) == 10000
     assert {k: v.numel() for k, v in corpus.splits.items()} == {"train": 929589, "valid": 73760, "test": 82430}
@@ -78,7 +69,7 @@ def _config(ptb, **changes):
 
 
 def test_resume_gives_the_uninterrupted_state(tmp_path):
-    ptb = _bench()
+    ptb = load_bench("ptb")
     corpus = ptb.Corpus.read(_corpus(tmp_path / "c", lines=(40, 6, 6)))
     cfg = _config(ptb)
     straight, record = ptb.train(corpus, cfg, tmp_path / "straight", progress=False)
@@ -105,7 +96,7 @@ def test_resume_gives_the_uninterrupted_state(tmp_path):
 def test_every_group_writes_archives_that_round_trip(tmp_path):
     """Train a tiny model through main(), run every compression group, check each archive decodes to
     the model's tensors and holds the representation its row names; then the page section."""
-    ptb = _bench()
+    ptb = load_bench("ptb")
     data = _corpus(tmp_path / "c")
     work = tmp_path / "work"
     out = tmp_path / "ptb.json"
