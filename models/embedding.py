@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -131,7 +132,8 @@ def finetune_codebooks(model: nn.Module, embedding_name: str, loss_fn: Callable[
                        codebooks: torch.Tensor | None = None, train_rest: bool = True, rest_lr: float | None = None,
                        commitment: float = 0.25, tau: tuple[float, float] = (1.0, 0.05), hard_fraction: float = 0.5,
                        iterations: int = 20, seed: int = 0, progress: Progress | None = None,
-                       lr_lambda: Callable[[int], float] | None = None) -> nn.Module:
+                       lr_lambda: Callable[[int], float] | None = None, checkpoint: str | Path | None = None,
+                       checkpoint_every: int = 50) -> nn.Module:
     """Learn the embedding's product quantization jointly with the task; returns ``model``.
 
     The embedding ``embedding_name`` (an ``nn.Embedding``, or a
@@ -148,7 +150,16 @@ def finetune_codebooks(model: nn.Module, embedding_name: str, loss_fn: Callable[
     train/eval mode. ``progress(step, steps, "loss …")`` is called per step. ``lr_lambda(step)``
     multiplies every learning rate (``torch.optim.lr_scheduler.LambdaLR``), e.g. a linear decay so
     that the last steps settle the codes rather than keep moving them.
+
+    With ``checkpoint`` (a file path) the run is resumable: every ``checkpoint_every`` steps the
+    model (trainable PQ included), optimizer, schedule and random state are saved there (written
+    to a temporary name, then renamed), and a run that finds the file continues from its step,
+    skipping the batches already used so that ``data_iter`` is consumed as in one run. State that
+    lives outside the model (e.g. :class:`~ncz.models.QuantAware`'s steps) is the caller's to
+    recompute on the first ``loss_fn`` call. The file is a trusted training artefact, not an archive.
     """
+    if checkpoint_every < 1:
+        raise UsageError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     if method not in ("straight-through", "gumbel"):
         raise UsageError(f"method must be 'straight-through' or 'gumbel', got {method!r}")
     if steps < 0 or lr <= 0:
@@ -195,8 +206,24 @@ def finetune_codebooks(model: nn.Module, embedding_name: str, loss_fn: Callable[
     was_training = model.training
     model.train()
     iterator = iter(data_iter)
+    start = 0
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=False)  # our own training state, never user input
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if schedule is not None:
+            schedule.load_state_dict(saved["schedule"])
+        torch.set_rng_state(saved["rng"])
+        pq.generator.set_state(saved["generator"])
+        start = min(int(saved["step"]), steps)
+        for _ in range(start):  # the batches the saved run already trained on
+            try:
+                next(iterator)
+            except StopIteration:
+                iterator = iter(data_iter)
     try:
-        for step in range(steps):
+        for step in range(start, steps):
             try:
                 batch = next(iterator)
             except StopIteration:
@@ -218,6 +245,12 @@ def finetune_codebooks(model: nn.Module, embedding_name: str, loss_fn: Callable[
                 schedule.step()
             if progress:
                 progress(step + 1, steps, f"loss {float(loss.detach()):.4f}")
+            if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+                temporary = checkpoint.with_name(checkpoint.name + ".tmp")
+                torch.save({"step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict() if schedule is not None else None,
+                            "rng": torch.get_rng_state(), "generator": pq.generator.get_state()}, temporary)
+                temporary.replace(checkpoint)
     finally:
         with torch.no_grad():
             books = pq.codebooks.detach().clone()

@@ -249,6 +249,41 @@ def test_lr_lambda_scales_every_learning_rate():
     assert not torch.equal(moved.emb.codebooks, books)
 
 
+@pytest.mark.parametrize("method", ["straight-through", "gumbel"])
+def test_finetune_resumes_from_its_checkpoint_as_one_run(tmp_path, method):
+    """Interrupted after a checkpoint and started again, the run ends where an uninterrupted one does."""
+    model, train, _ = _teacher_task()
+    books, _ = product_quantize(model.emb.weight, subspaces=2, centroids=8, seed=0)
+    options = dict(steps=12, lr=0.03, method=method, codebooks=books, seed=0, lr_lambda=lambda s: 1 - s / 12)
+    torch.manual_seed(1)
+    straight = finetune_codebooks(copy.deepcopy(model), "emb", _task_loss, train, **options)
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def interrupted(m, batch):
+        calls.append(1)
+        if len(calls) == 11:
+            raise Stop
+        return _task_loss(m, batch)
+
+    state = tmp_path / "qat.pt"
+    torch.manual_seed(1)
+    with pytest.raises(Stop):
+        finetune_codebooks(copy.deepcopy(model), "emb", interrupted, train, checkpoint=state, checkpoint_every=4,
+                           **options)
+    assert torch.load(state, weights_only=False)["step"] == 8
+    steps = []
+    resumed = finetune_codebooks(copy.deepcopy(model), "emb", _task_loss, train, checkpoint=state,
+                                 checkpoint_every=4, progress=lambda step, total, text: steps.append(step), **options)
+    assert steps == [9, 10, 11, 12]
+    assert torch.equal(resumed.emb.codes, straight.emb.codes)
+    assert torch.equal(resumed.emb.codebooks, straight.emb.codebooks)
+    assert torch.equal(resumed.head.weight, straight.head.weight)
+
+
 def test_finetune_rejects_bad_arguments():
     model, train, _ = _teacher_task()
     with pytest.raises(nf.UsageError):
@@ -257,6 +292,8 @@ def test_finetune_rejects_bad_arguments():
         finetune_codebooks(model, "head", _task_loss, train, steps=1, lr=0.1, subspaces=2, centroids=4)
     with pytest.raises(nf.UsageError):
         finetune_codebooks(model, "nothing", _task_loss, train, steps=1, lr=0.1)
+    with pytest.raises(nf.UsageError):
+        finetune_codebooks(model, "emb", _task_loss, train, steps=1, lr=0.1, checkpoint_every=0)
     with pytest.raises(nf.UsageError):
         encode_codebook("t", torch.randn(10, 9), subspaces=2)
 

@@ -7,6 +7,7 @@ against the packer: what the forward used is what the archive holds.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import random
@@ -100,8 +101,13 @@ def test_tiny_end_to_end(tmp_path, layout):
     args = nlu.parse_args(["--data", str(data), "--out", str(out), "--runs", str(tmp_path / "runs"),
                            "--epochs", "2", "--batch", "8", "--lr", "1e-3", "--nncodec-qps", "--subspaces", "4",
                            "--centroids", "8", "--kmeans-iterations", "3", "--qat-steps", "6",
-                           "--refresh-every", "2", "--presets", "lossless", "q8", "--threads", "1"])
+                           "--refresh-every", "2", "--presets", "lossless", "q8", "--threads", "1",
+                           *(["--distill-hidden", "1"] if layout == "clinc" else [])])
     result = nlu.run(args, encoder_factory=factory)
+    assert result["task_aware"]["distill_hidden"] == (1.0 if layout == "clinc" else 0.0)
+    # position, token type, 3 LayerNorms, q, k, v, attention out, intermediate, output, head
+    assert result["task_aware"]["quantized_tensors"] == 12
+    assert not list((tmp_path / "runs").rglob("*.state.pt"))  # the QAT checkpoint goes once it is done
     saved = json.loads(out.read_text())
     assert saved["uncompressed_accuracy"] == result["uncompressed_accuracy"]
     names = [row["name"] for row in saved["variants"]]
@@ -128,6 +134,25 @@ def test_tiny_end_to_end(tmp_path, layout):
     again = nlu.run(args, encoder_factory=factory)
     assert again["uncompressed_accuracy"] == result["uncompressed_accuracy"]
     assert again["variants"][-1]["metric"] == result["variants"][-1]["metric"]
+
+
+def test_hidden_distillation_measures_every_layer(tmp_path):
+    """The hidden term is zero for the teacher itself and grows when one layer's weights change."""
+    nlu = load_bench("nlu")
+    bert, _ = _tiny_encoder(tmp_path)()
+    teacher = nlu.IntentClassifier(bert, 3).eval()
+    student = copy.deepcopy(teacher).eval()
+    ids = torch.tensor([[2, 7, 8, 3, 0], [2, 9, 3, 0, 0]])
+    batch = (ids, (ids > 0).long(), torch.tensor([0, 1]), torch.tensor([0, 1]))
+    ce = float(nlu.distilled_loss(None, 0.0, 1.0)(student, batch))
+    same = float(nlu.distilled_loss(None, 0.0, 1.0, teacher, hidden=1.0)(student, batch))
+    assert same == pytest.approx(ce, abs=1e-6)
+    with torch.no_grad():
+        student.bert.encoder.layer[0].output.dense.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    moved = nlu.distilled_loss(None, 0.0, 1.0, teacher, hidden=1.0)(student, batch)
+    assert float(moved) > float(nlu.distilled_loss(None, 0.0, 1.0)(student, batch)) + 1e-3
+    with pytest.raises(ValueError):
+        nlu.distilled_loss(None, 0.0, 1.0, hidden=1.0)
 
 
 def test_quant_aware_rounds_as_the_packer(tmp_path):
