@@ -9,9 +9,9 @@ What is measured, per size (``--sizes``, default ``120m 480m``):
   projections reading outlier features have), norms ≈ 1. The larger size is
   sharded (``model-0000k-of-0000N.safetensors`` + ``model.safetensors.index.json``)
   and packs as one archive.
-* **Pack**: ``ncz pack FOLDER -o OUT.ncz --preset q8`` (data-free), in a fresh
-  process: wall and CPU seconds, MB/s of bf16 input (the checkpoint's tensor bytes),
-  bits per weight.
+* **Pack**: ``ncz pack FOLDER -o OUT.ncz --preset q8`` (data-free), and the same with
+  ``--fast-decode`` (``--variants``), each in a fresh process: wall and CPU seconds, MB/s
+  of bf16 input (the checkpoint's tensor bytes), bits per weight.
 * **Unpack**: ``ncz.models.unpack(OUT.ncz, OUT.safetensors, workers=N)`` (what ``ncz unpack``
   runs), fresh process: MB/s of output (bf16 safetensors bytes).
 * **Memory**: the child's own peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``: interpreter,
@@ -209,41 +209,53 @@ def _peak_MiB(run: dict[str, float]) -> float:
     return max(run["peak_rss_MiB"], run.get("worker_processes_peak_rss_MiB", 0), run["peak_tree_pss_MiB"])
 
 
-def measure(name: str, shape: LlamaShape, folder: Path, threads: int, workers: int, log) -> dict:
+# what is packed: the q8 preset as it ships (indices ANS-coded, the smallest), and with --fast-decode
+# (indices as bytes under zstd, FORMAT.md §5.4 format 1.2: ~1 % larger, unpacked several times faster)
+VARIANTS = {"q8": [], "q8 --fast-decode": ["--fast-decode"]}
+
+
+def measure_variant(ckpt: Path, work: Path, flags: list[str], shape: LlamaShape, threads: int, workers: int,
+                    log) -> dict:
+    """Pack ``ckpt`` with ``ncz pack --preset q8 FLAGS`` and unpack the archive, each in a fresh process."""
+    label = " ".join(["q8", *flags])
+    archive, restored = work / "model.ncz", work / "restored.safetensors"
+    pack_args = ["pack", str(ckpt), "-o", str(archive), "--preset", "q8", *flags, "--workers", str(workers), "-q"]
+    pack = run_child(f"from ncz.tools.cli import main;rc=main({pack_args!r});rc and sys.exit(rc)", threads)
+    log(f"{ckpt.name} {label}: pack {pack['wall_s']:.1f} s wall / {pack['cpu_s']:.1f} s cpu, "
+        f"{pack['peak_rss_MiB']:.0f} MiB")
+    archive_bytes = archive.stat().st_size
+    unpack = run_child(f"from ncz.models import unpack;unpack({str(archive)!r},{str(restored)!r},"
+                       f"workers={workers})", threads)
+    log(f"{ckpt.name} {label}: unpack {unpack['wall_s']:.1f} s wall / {unpack['cpu_s']:.1f} s cpu, "
+        f"{unpack['peak_rss_MiB']:.0f} MiB")
+    output_bytes = restored.stat().st_size
+    archive.unlink()
+    restored.unlink()
+    bound = 2 * 4 * shape.largest / MiB + 512
+    for run, mb in ((pack, 2 * shape.parameters / 1e6), (unpack, output_bytes / 1e6)):
+        run["MBps_wall"] = mb / run["wall_s"]
+        run["MBps_cpu_one_core"] = mb / run["cpu_s"]
+        run["MBps_cpu_2cores_ideal"] = mb / (run["cpu_s"] / 2)  # both cores busy all along: an upper bound
+    return {"archive_bytes": archive_bytes, "bits_per_weight": 8 * archive_bytes / shape.parameters,
+            "output_bytes": output_bytes, "pack": pack, "unpack": unpack,
+            "targets": {"pack_ge_40MBps_wall": pack["MBps_wall"] >= 40,
+                        "unpack_ge_150MBps_wall": unpack["MBps_wall"] >= 150,
+                        "pack_memory_within_bound": _peak_MiB(pack) <= bound,
+                        "unpack_memory_within_bound": _peak_MiB(unpack) <= bound}}
+
+
+def measure(name: str, shape: LlamaShape, folder: Path, threads: int, workers: int, log,
+            variants: list[str]) -> dict:
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-        work = Path(tmp)
         ckpt = folder / name
         if not (ckpt / "config.json").exists():
             start = time.perf_counter()
             make_checkpoint(ckpt, shape)
             log(f"{name}: checkpoint written in {time.perf_counter() - start:.1f} s")
-        input_bytes = 2 * shape.parameters
-        archive, restored = work / "model.ncz", work / "restored.safetensors"
-        pack_args = ["pack", str(ckpt), "-o", str(archive), "--preset", "q8", "--workers", str(workers), "-q"]
-        pack = run_child(f"from ncz.tools.cli import main;rc=main({pack_args!r});rc and sys.exit(rc)", threads)
-        log(f"{name}: pack {pack['wall_s']:.1f} s wall / {pack['cpu_s']:.1f} s cpu, {pack['peak_rss_MiB']:.0f} MiB")
-        archive_bytes = archive.stat().st_size
-        unpack = run_child(f"from ncz.models import unpack;unpack({str(archive)!r},{str(restored)!r},"
-                           f"workers={workers})", threads)
-        log(f"{name}: unpack {unpack['wall_s']:.1f} s wall / {unpack['cpu_s']:.1f} s cpu, "
-            f"{unpack['peak_rss_MiB']:.0f} MiB")
-        output_bytes = restored.stat().st_size
-    bound = 2 * 4 * shape.largest / MiB + 512
-    mb_in, mb_out = input_bytes / 1e6, output_bytes / 1e6
-    for run, mb in ((pack, mb_in), (unpack, mb_out)):
-        run["MBps_wall"] = mb / run["wall_s"]
-        run["MBps_cpu_one_core"] = mb / run["cpu_s"]
-        run["MBps_cpu_2cores_ideal"] = mb / (run["cpu_s"] / 2)  # both cores busy all along: an upper bound
-    return {
-        "shape": shape.__dict__, "parameters": shape.parameters, "largest_tensor": shape.largest,
-        "input_bf16_bytes": input_bytes, "archive_bytes": archive_bytes,
-        "bits_per_weight": 8 * archive_bytes / shape.parameters, "output_bytes": output_bytes,
-        "pack_q8": pack, "unpack": unpack, "memory_bound_MiB": bound,
-        "targets": {"pack_ge_40MBps_wall": pack["MBps_wall"] >= 40,
-                    "unpack_ge_150MBps_wall": unpack["MBps_wall"] >= 150,
-                    "pack_memory_within_bound": _peak_MiB(pack) <= bound,
-                    "unpack_memory_within_bound": _peak_MiB(unpack) <= bound},
-    }
+        measured = {v: measure_variant(ckpt, Path(tmp), VARIANTS[v], shape, threads, workers, log) for v in variants}
+    return {"shape": shape.__dict__, "parameters": shape.parameters, "largest_tensor": shape.largest,
+            "input_bf16_bytes": 2 * shape.parameters, "memory_bound_MiB": 2 * 4 * shape.largest / MiB + 512,
+            "variants": measured}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -252,15 +264,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the children")
     parser.add_argument("--workers", type=int, default=2, help="ncz pack --workers")
     parser.add_argument("--keep", type=Path, help="folder for the generated checkpoints (kept; reused when present)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     results = {"load_average_start": os.getloadavg()[0], "threads": args.threads, "workers": args.workers,
                "cores": os.cpu_count(), "preset": "q8 (data-free)", "sizes": {}}
+    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        log(f"note: load average {os.getloadavg()[0]:.1f}: wall times will not be those of an idle machine")
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
         for name in args.sizes:
-            results["sizes"][name] = measure(name, SIZES[name], folder, args.threads, args.workers, log)
+            results["sizes"][name] = measure(name, SIZES[name], folder, args.threads, args.workers, log,
+                                             args.variants)
     results["load_average_end"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

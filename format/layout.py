@@ -22,7 +22,7 @@ __all__ = ["MAGIC", "FOOTER_MAGIC", "VERSION", "ALIGNMENT", "PRELUDE", "PRELUDE_
 
 MAGIC = b"\x89NCZ\r\n\x1a\n"
 FOOTER_MAGIC = b"NCZTABLE"
-VERSION = (1, 1)  # (major, minor) written by this library
+VERSION = (1, 2)  # (major, minor) written by this library
 ALIGNMENT = 64
 PRELUDE = struct.Struct("<8sHHIQ")  # magic, major, minor, header_length, header_xxh3
 PRELUDE_COVERED = 16  # header_xxh3 covers prelude bytes [0, 16) and the header

@@ -149,6 +149,41 @@ def _quantized_expected() -> dict[str, np.ndarray]:
     }
 
 
+# --- quantized, byte indices (format 1.2) ---------------------------------------------------------
+
+_Q_BYTES = np.array([[3, -128, 0, 127], [-127, 1, -128, -2], [-128, 5, 0, 0]], np.int32)  # −128: escapes
+_Q_ESCAPED = np.array([200, -40000, 128], np.int32)  # in order; beyond int16 too
+_Q_PLAIN = np.array([1, -1, 0, 100, -100, 7], np.int32)  # no escape: no #qx
+
+
+def _bytes_q(q: np.ndarray, escaped: np.ndarray) -> np.ndarray:
+    """§5.4: the indices with every −128 byte replaced by the next escaped index."""
+    out = q.reshape(-1).copy()
+    out[out == -128] = escaped
+    return out
+
+
+def _quantized_bytes(w: Writer) -> None:
+    _head(w, "escaped", Kind.QUANTIZED, "float32", [3, 4], granularity="channel", step_base=_STEP_BASE)
+    _part(w, "escaped#q", _Q_BYTES.reshape(-1).astype(np.int8), Codec.ZSTD)
+    _part(w, "escaped#qx", _Q_ESCAPED)
+    _part(w, "escaped#step", _CHANNEL_CODES)
+    _head(w, "plain", Kind.QUANTIZED, "bfloat16", [6], granularity="tensor", step_base=_STEP_BASE)
+    _part(w, "plain#q", _Q_PLAIN.astype(np.int8), Codec.RAW)  # any codec is allowed
+    _part(w, "plain#step", np.array([[-32]], np.int32), Codec.RAW)  # 0.5
+
+
+def _quantized_bytes_expected() -> dict[str, np.ndarray]:
+    base = np.float32(_STEP_BASE)
+    values = np.vectorize(_step_value, otypes=[np.float32])
+    steps = (values(_CHANNEL_CODES) * base).astype(np.float32)
+    escaped = _bytes_q(_Q_BYTES, _Q_ESCAPED).reshape(3, 4).astype(np.float32) * steps
+    plain = _Q_PLAIN.astype(np.float32) * np.float32(values(np.array([[-32]], np.int32))[0, 0] * base)
+    bf16 = plain.view(np.uint32)  # round to nearest even, as torch casts
+    bf16 = ((bf16 + np.uint32(0x7FFF) + ((bf16 >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    return {"escaped": escaped, "plain": bf16}
+
+
 # --- low rank -------------------------------------------------------------------------------------
 
 _U = np.array([[1, -2], [3, 5], [-1, 1], [2, 2]], np.int32)
@@ -320,6 +355,7 @@ def _archive_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 _VECTORS: dict[str, tuple[dict, Callable[[Writer], None], Callable, Callable[[], dict[str, np.ndarray]]]] = {
     "model-lossless": (_header(4, "lossless"), _lossless, _archive_tensors, _lossless_expected),
     "model-quantized": (_header(6, "vectors"), _quantized, _archive_tensors, _quantized_expected),
+    "model-quantized-bytes": (_header(2, "vectors"), _quantized_bytes, _archive_tensors, _quantized_bytes_expected),
     "model-lowrank": (_header(2, "vectors"), _lowrank, _archive_tensors, _lowrank_expected),
     "model-dictionary": (_header(3, "vectors"), _dictionary, _archive_tensors, _dictionary_expected),
     "model-codebook": (_header(2, "vectors"), _codebook, _archive_tensors, _codebook_expected),

@@ -187,6 +187,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise _Usage(f"--workers must be >= 1, got {args.workers}")
     recipe = Recipe.from_toml(args.recipe) if args.recipe else Recipe.preset(args.preset)
+    if args.fast_decode:
+        recipe = recipe.with_fast_decode()
     calibration = None
     if args.calibration:
         from ncz.models import Calibration
@@ -429,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--recipe", help="TOML recipe mapping tensor-name patterns to representations")
     p.add_argument("--calibration", help="calibration file from ncz.models.calibrate(): quantized tensors meet "
                                           "the recipe's output error with fewer bits (GPTQ, frequency-weighted rows)")
+    p.add_argument("--fast-decode", action="store_true",
+                   help="quantized indices as bytes under zstd: ~1%% larger, unpacks several times faster")
     p.add_argument("--workers", type=int, default=2, help="encoder threads (default 2)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_pack)
