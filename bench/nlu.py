@@ -733,7 +733,7 @@ def run(args, encoder_factory=minilm) -> dict[str, Any]:
                              f"!= {fp32:.3f}); not merged")
         result = merge(previous, {"variants": bench.rows})
         if "task-aware" in groups:  # the headline numbers follow the new task-aware row
-            result.update(headline(result["variants"], fp32, task_record))
+            result.update(headline(result["variants"], fp32, {**task_record, "command": command}))
         result["merged"] = [*previous.get("merged", []),
                             {"variants": sorted(groups), "command": command, "total_s": round(time.time() - started, 1),
                              "load_average": list(os.getloadavg())}]
@@ -787,13 +787,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qk-bits", type=float, default=1.1, help="task-aware: of the attention query/key")
     p.add_argument("--position-bits", type=float, default=2.0)
     p.add_argument("--head-bits", type=float, default=4.0)
-    p.add_argument("--qat-steps", type=int, default=250)
+    p.add_argument("--qat-steps", type=int, default=2000)
     p.add_argument("--qat-lr", type=float, default=1.5e-4, help="task-aware: peak lr of the rest (linear decay)")
     p.add_argument("--qat-schedule", choices=["linear", "constant"], default="linear",
                    help="task-aware: lr decays linearly to 0, or stays constant")
     p.add_argument("--distill", type=float, default=0.5, help="task-aware: weight of the KL to the fp32 logits")
     p.add_argument("--distill-temperature", type=float, default=2.0)
-    p.add_argument("--distill-hidden", type=float, default=0.0,
+    p.add_argument("--distill-hidden", type=float, default=1.0,
                    help="task-aware: weight of the hidden states' relative squared error to the fp32 model's")
     p.add_argument("--pq-lr", type=float, default=5e-4)
     p.add_argument("--refresh-every", type=int, default=16)

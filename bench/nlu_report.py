@@ -82,7 +82,10 @@ def markdown(results: list[tuple[Path, dict[str, Any]]]) -> str:
                      "invocation measured, cached in its --runs folder)" if f["seconds"] > r["total_s"] else
                      f"whole run {r['total_s']:.0f} s"),
                   f"- task-aware: PQ M={t['subspaces']} K={t['centroids']} codes trained with the task, linear layers "
-                  f"QAT at {t['bits']:g} bits/weight (q/k {t['qk_bits']:g}), {t['steps']} steps ({t['seconds']:.0f} s)",
+                  f"QAT at {t['bits']:g} bits/weight (q/k {t['qk_bits']:g}), {t['steps']} steps ({t['seconds']:.0f} s)"
+                  + distillation(t)
+                  + (f"; measured by `{t['command']}` (merged into this JSON)"
+                     if t.get("command") and t["command"] != r["command"] else ""),
                   f"- target {r['target']}: **{'met' if r['target_met'] else 'not met'}** "
                   f"({r['task_aware_reduction_pct']:.2f} % smaller, {-r['task_aware_drop_points']:+.2f} points)", "",
                   "| variant | bytes | bits/weight | smaller than fp32 | accuracy % | Δ points | pack s | unpack s |",
@@ -97,6 +100,16 @@ def markdown(results: list[tuple[Path, dict[str, Any]]]) -> str:
         lines += metric_lines(r)
         lines += ["", f"![accuracy against size]({Path('..') / Path(json_path).with_suffix('.png')})", ""]
     return "\n".join(lines + [MARK_END]) + "\n"
+
+
+def distillation(t: dict[str, Any]) -> str:
+    """How the task-aware student learned from the fp32 model, as a clause."""
+    parts = []
+    if t.get("distill"):
+        parts.append(f"its logits (weight {t['distill']:g}, T {t.get('distill_temperature', 1):g})")
+    if t.get("distill_hidden"):
+        parts.append(f"every hidden state (relative squared error, weight {t['distill_hidden']:g})")
+    return ", distilled from the fp32 model through " + " and ".join(parts) if parts else ""
 
 
 def metric_lines(r: dict[str, Any]) -> list[str]:
