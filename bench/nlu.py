@@ -16,6 +16,10 @@ put the same trained weights through every format side by side and evaluate each
   task is important"): PQ codes and codebooks of the word embedding trained with the intent loss
   (``ncz.models.finetune_codebooks``, straight-through) *jointly* with quantization-aware training
   of every linear layer (``ncz.models.QuantAware``: the forward rounds with the packer's own steps);
+- ``ncz low-rank (BSR) ×R, factors B bits + PQ embeddings (post-training)``: the other way to the
+  task-aware row's size without training: every encoder linear layer factorized with ranks chosen
+  jointly by beam search for a compression ratio R (``ncz.models.plan_lowrank``), the factors at B
+  bits per entry, the word embedding PQ-coded and the rest as the task-aware recipe (``--lowrank R B``);
 - ``ncz pack_for_metric (q8 allocation, valid −D points)``: ``ncz.models.pack_for_metric`` sizes the
   archive by the task metric: the q8 preset's per-class allocation, one global scale searched for the
   smallest archive whose *validation* accuracy drops at most D points (``--max-drops``, default 0.5
@@ -70,7 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("formats", "task-aware", "presets", "metric")
+GROUPS = ("formats", "task-aware", "lowrank", "presets", "metric")
 RESULTS = REPO / "bench" / "results"
 WORD_EMBEDDING = "bert.embeddings.word_embeddings"
 
@@ -580,6 +584,25 @@ def task_aware(fine_tuned: nn.Module, train: Tokenized, books: torch.Tensor, arg
     return state, recipe, record
 
 
+def lowrank_variants(bench: Bench, state: dict[str, torch.Tensor], books: torch.Tensor, args,
+                     pq_shape: dict[str, Any], kmeans_s: float) -> None:
+    """Post-training low-rank (BSR: ranks by beam search, ``plan_lowrank``) of every encoder linear layer,
+    factors quantized to ``bits`` per entry, the word embedding PQ-coded and the rest as the task-aware
+    recipe: the other way to reach the task-aware row's size, without training."""
+    from ncz.models import plan_lowrank
+
+    rest = Recipe.from_dict({"rule": [codebook_rule(books, args), *rest_rules(args)]}, "task-aware")
+    for ratio, bits in args.lowrank:
+        key = f"lowrank {signature(ratio=ratio, bits=bits, pq=pq_shape, rest=rest_rules(args))}"
+        if bench.reuse(key):
+            continue
+        t0 = time.perf_counter()
+        plan = plan_lowrank(state, ratio, exclude=("*embeddings*", "classifier.*"), bits=bits, fallback=rest)
+        bench.ncz(f"ncz low-rank (BSR) ×{ratio:g}, factors {bits:g} bits + PQ embeddings (post-training)", state,
+                  plan, f"lowrank-x{ratio:g}-b{bits:g}.ncz", extra_pack_s=time.perf_counter() - t0 + kmeans_s,
+                  method="low-rank", **pq_shape)
+
+
 def metric_variants(bench: Bench, model: nn.Module, valid: Tokenized, drops: list[float], recipe_name: str,
                     max_evaluations: int) -> None:
     """``pack_for_metric`` on validation accuracy, at most ``drop`` points lost, one row per drop.
@@ -682,7 +705,7 @@ def run(args, encoder_factory=minilm) -> dict[str, Any]:
                       refresh_every=args.refresh_every, batch=args.batch, distill=args.distill,
                       temperature=args.distill_temperature, schedule=args.qat_schedule,
                       **({"hidden": args.distill_hidden} if args.distill_hidden else {}))  # old keys stay valid
-    if "task-aware" in groups:
+    if groups & {"task-aware", "lowrank"}:
         books_file = workdir / f"kmeans-{pq}.pt"
         if books_file.exists():
             books, kmeans_s = torch.load(books_file)
@@ -693,6 +716,7 @@ def run(args, encoder_factory=minilm) -> dict[str, Any]:
             kmeans_s = time.time() - t0
             torch.save((books, kmeans_s), books_file)
         pq_shape = {"subspaces": args.subspaces, "centroids": args.centroids, "kmeans_s": round(kmeans_s, 1)}
+    if "task-aware" in groups:
         ta_state, ta_recipe, record = task_aware(model, train, books, args, workdir / f"task-aware-{aware}.pt")
         if not bench.reuse(f"task-aware {aware}"):
             bench.ncz("ncz task-aware (PQ + QAT)", ta_state, ta_recipe, f"task-aware-{aware}.ncz", **pq_shape,
@@ -711,6 +735,8 @@ def run(args, encoder_factory=minilm) -> dict[str, Any]:
         if not bench.reuse(f"pq {pq}"):
             bench.ncz("ncz PQ embeddings (post-training), rest lossless", state, emb_only, f"pq-ptq-{pq}.ncz",
                       extra_pack_s=kmeans_s, **pq_shape)
+    if "lowrank" in groups:
+        lowrank_variants(bench, state, books, args, pq_shape, kmeans_s)
     if "presets" in groups:
         for preset in args.presets:
             if not bench.reuse(f"ncz {preset}"):
@@ -788,6 +814,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--position-bits", type=float, default=2.0)
     p.add_argument("--head-bits", type=float, default=4.0)
     p.add_argument("--qat-steps", type=int, default=2000)
+    p.add_argument("--lowrank", type=float, nargs=2, action="append", metavar=("RATIO", "BITS"),
+                   default=None, help="post-training BSR rows: compression ratio of the encoder's linear layers "
+                                      "and bits per factor entry (repeatable; default ×2 at 2, ×3 at 3, ×1.5 at 4)")
     p.add_argument("--qat-lr", type=float, default=1.5e-4, help="task-aware: peak lr of the rest (linear decay)")
     p.add_argument("--qat-schedule", choices=["linear", "constant"], default="linear",
                    help="task-aware: lr decays linearly to 0, or stays constant")
@@ -805,6 +834,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-evaluations", type=int, default=8, help="pack_for_metric: evaluations, baseline included")
     p.add_argument("--record-command", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
+    if args.lowrank is None:
+        args.lowrank = [[2.0, 2.0], [3.0, 3.0], [1.5, 4.0]]
     if args.from_json is None and not args.data:
         p.error("--data is required (or --from-json with --markdown)")
     return args

@@ -112,6 +112,7 @@ def test_tiny_end_to_end(tmp_path, layout):
     assert saved["uncompressed_accuracy"] == result["uncompressed_accuracy"]
     names = [row["name"] for row in saved["variants"]]
     assert names[:2] == ["safetensors fp32", "safetensors + zstd -19"]
+    assert any(name.startswith("ncz low-rank (BSR)") for name in names)
     assert {"ncz lossless", "ncz q8", "ncz task-aware (PQ + QAT)",
             "ncz post-training (task-aware recipe)"} <= set(names)
     keys = {"name", "bytes", "bits_per_weight", "metric_name", "metric", "pack_s", "unpack_s", "archive"}
