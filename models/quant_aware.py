@@ -12,7 +12,7 @@ every ``refresh_every`` calls of :meth:`QuantAware.step` (the bisection is cheap
 batch). After :meth:`QuantAware.detach` the model holds the latent weights again and
 ``pack(model.state_dict(), recipe=rounding.packing_recipe)`` stores exactly what a refresh on them
 computes, i.e. what the last forward used up to the few weights that crossed a rounding boundary
-since. ``packing_recipe`` is the recipe with ``rdoq`` off in its quantized rules (the presets turn
+since. ``packing_recipe`` is the recipe with ``rdoq`` off in its quantized rules (a recipe may turn
 it on): RDOQ would choose other indices than the rounding the model was trained through.
 
 Calibrated rounding (GPTQ) is not modelled: train data-free, pack data-free.
