@@ -584,7 +584,7 @@ def task_aware(fine_tuned: nn.Module, train: Tokenized, books: torch.Tensor, arg
     return state, recipe, record
 
 
-def lowrank_variants(bench: Bench, state: dict[str, torch.Tensor], books: torch.Tensor, args,
+def lowrank_variants(bench: Bench, state: dict[str, torch.Tensor], books: torch.Tensor, args, pq: str,
                      pq_shape: dict[str, Any], kmeans_s: float) -> None:
     """Post-training low-rank (BSR: ranks by beam search, ``plan_lowrank``) of every encoder linear layer,
     factors quantized to ``bits`` per entry, the word embedding PQ-coded and the rest as the task-aware
@@ -593,7 +593,7 @@ def lowrank_variants(bench: Bench, state: dict[str, torch.Tensor], books: torch.
 
     rest = Recipe.from_dict({"rule": [codebook_rule(books, args), *rest_rules(args)]}, "task-aware")
     for ratio, bits in args.lowrank:
-        key = f"lowrank {signature(ratio=ratio, bits=bits, pq=pq_shape, rest=rest_rules(args))}"
+        key = f"lowrank {signature(ratio=ratio, bits=bits, pq=pq, rest=rest_rules(args))}"  # not timings
         if bench.reuse(key):
             continue
         t0 = time.perf_counter()
@@ -736,7 +736,7 @@ def run(args, encoder_factory=minilm) -> dict[str, Any]:
             bench.ncz("ncz PQ embeddings (post-training), rest lossless", state, emb_only, f"pq-ptq-{pq}.ncz",
                       extra_pack_s=kmeans_s, **pq_shape)
     if "lowrank" in groups:
-        lowrank_variants(bench, state, books, args, pq_shape, kmeans_s)
+        lowrank_variants(bench, state, books, args, pq, pq_shape, kmeans_s)
     if "presets" in groups:
         for preset in args.presets:
             if not bench.reuse(f"ncz {preset}"):

@@ -214,6 +214,11 @@ def _peak_MiB(run: dict[str, float]) -> float:
 VARIANTS = {"q8": [], "q8 --fast-decode": ["--fast-decode"]}
 
 
+def memory_bound_MiB(shape: LlamaShape) -> float:
+    """The issue's bound on peak memory: 2 × the largest tensor in fp32 + 512 MiB."""
+    return 2 * 4 * shape.largest / MiB + 512
+
+
 def measure_variant(ckpt: Path, work: Path, flags: list[str], shape: LlamaShape, threads: int, workers: int,
                     log) -> dict:
     """Pack ``ckpt`` with ``ncz pack --preset q8 FLAGS`` and unpack the archive, each in a fresh process."""
@@ -231,7 +236,7 @@ def measure_variant(ckpt: Path, work: Path, flags: list[str], shape: LlamaShape,
     output_bytes = restored.stat().st_size
     archive.unlink()
     restored.unlink()
-    bound = 2 * 4 * shape.largest / MiB + 512
+    bound = memory_bound_MiB(shape)
     for run, mb in ((pack, 2 * shape.parameters / 1e6), (unpack, output_bytes / 1e6)):
         run["MBps_wall"] = mb / run["wall_s"]
         run["MBps_cpu_one_core"] = mb / run["cpu_s"]
@@ -254,7 +259,7 @@ def measure(name: str, shape: LlamaShape, folder: Path, threads: int, workers: i
             log(f"{name}: checkpoint written in {time.perf_counter() - start:.1f} s")
         measured = {v: measure_variant(ckpt, Path(tmp), VARIANTS[v], shape, threads, workers, log) for v in variants}
     return {"shape": shape.__dict__, "parameters": shape.parameters, "largest_tensor": shape.largest,
-            "input_bf16_bytes": 2 * shape.parameters, "memory_bound_MiB": 2 * 4 * shape.largest / MiB + 512,
+            "input_bf16_bytes": 2 * shape.parameters, "memory_bound_MiB": memory_bound_MiB(shape),
             "variants": measured}
 
 

@@ -209,7 +209,7 @@ def finetune_codebooks(model: nn.Module, embedding_name: str, loss_fn: Callable[
     start = 0
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=False)  # our own training state, never user input
+        saved = torch.load(checkpoint, weights_only=True)  # tensors, numbers and lists only: nothing to unpickle
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         if schedule is not None:
