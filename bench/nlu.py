@@ -307,7 +307,7 @@ def finetune(model: nn.Module, train: Tokenized, args, checkpoint: Path) -> dict
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
     step, seconds, losses = 0, 0.0, []
     if checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=False)
+        saved = torch.load(checkpoint, weights_only=True)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
@@ -536,7 +536,7 @@ def task_aware(fine_tuned: nn.Module, train: Tokenized, books: torch.Tensor, arg
 
     model = copy.deepcopy(fine_tuned)
     if saved.exists():
-        blob = torch.load(saved, weights_only=False)
+        blob = torch.load(saved, weights_only=True)
         model.bert.embeddings.word_embeddings = CodebookEmbedding(blob["codebooks"], blob["codes"],
                                                                   padding_idx=blob["padding_idx"])
         model.load_state_dict(blob["model"])
@@ -708,7 +708,7 @@ def run(args, encoder_factory=minilm) -> dict[str, Any]:
     if groups & {"task-aware", "lowrank"}:
         books_file = workdir / f"kmeans-{pq}.pt"
         if books_file.exists():
-            books, kmeans_s = torch.load(books_file)
+            books, kmeans_s = torch.load(books_file, weights_only=True)
         else:
             t0 = time.time()
             books, _ = product_quantize(state[f"{WORD_EMBEDDING}.weight"], subspaces=args.subspaces,

@@ -177,7 +177,7 @@ def train(corpus: Corpus, cfg: TrainConfig, work: Path, *, stop_after: int | Non
                              "loss_sum": 0.0, "loss_count": 0,
                              "config": asdict(cfg)}
     if checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=False)
+        saved = torch.load(checkpoint, weights_only=True)
         # the epoch count may change on resume (a shorter run stops at its last epoch); nothing else
         if {**saved["config"], "epochs": cfg.epochs} != asdict(cfg):
             raise SystemExit(f"{checkpoint}: trained with {saved['config']}, not {asdict(cfg)}; use another --work")

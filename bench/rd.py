@@ -430,7 +430,7 @@ def export_checkpoint(checkpoint: Path, output: Path, calibration_dir: Path, cro
     from ncz.codec import CodecConfig, export_codec
     from ncz.codec.architectures import build_codec
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     net = build_codec(CodecConfig.from_dict(state["model_config"]))
     net.load_state_dict(state["model"])
     files = sorted(f for f in calibration_dir.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))[:crops]
@@ -917,7 +917,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}-qualities", type=int, nargs="+", default=SWEEPS[name], help=f"{name} quality sweep")
     p.add_argument("--threads", type=int, default=2, help="threads per codec (torch, aom, libjxl)")
     p.add_argument("--json", default=str(DEFAULT_JSON), help="output JSON")
-    p.add_argument("--plot", default=str(DEFAULT_PLOT), help="output PNG")
+    p.add_argument("--plot", default=None,
+                   help=f"output PNG (default: --json's path as .png, {DEFAULT_PLOT.name} for the default JSON)")
     p.add_argument("--markdown", default=None, help="also write this Markdown page (e.g. docs/RESULTS.md)")
     p.add_argument("--from-json", default=None,
                    help="skip the measurements: recompute BD-rates and re-render --json / --plot / --markdown "
@@ -937,7 +938,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.selftest:
         return selftest()
-    json_path, plot_path = Path(args.json), Path(args.plot)
+    json_path = Path(args.json)
+    plot_path = Path(args.plot) if args.plot is not None else json_path.with_suffix(".png")
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
         result["published"] = load_published(args.published)

@@ -210,10 +210,10 @@ def encode_quantized(name: str, tensor: torch.Tensor, *, rel_error: float | None
             chunks = _rate_optimized(prep, choice.steps, better.lengths)
             made = _indices(prep, chunks)
     if fast_decode and made[0] is not None:
-        escaped = _byte_indices(made[0])
-        if escaped is not None:
-            return _sections(name, tensor, granularity, group_size, choice.base, escaped[0], None, None,
-                             prep.row_codes, prep.col_codes, err, escaped[1])
+        fast = _byte_sections(name, tensor, granularity, group_size, choice.base, made[0], prep.row_codes,
+                              prep.col_codes, err)
+        if fast is not None:
+            return fast
     symbols, width, histogram = _index_symbols(prep, chunks, made)
     model = CategoricalModel(fit_table_counts(*histogram.items()))
     return _sections(name, tensor, granularity, group_size, choice.base, symbols, width, model, prep.row_codes,
@@ -230,6 +230,17 @@ def _byte_indices(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     small = flat.astype(np.int8)  # wraps where escaped; overwritten next
     small[outside] = -128
     return small, flat[outside].astype(np.int32)
+
+
+def _byte_sections(name: str, tensor: torch.Tensor, granularity: str, group_size: int, base: float,
+                   indices: np.ndarray, row_codes: np.ndarray, col_codes: np.ndarray | None,
+                   err: float) -> Encoded | None:
+    """The sections with byte indices (``fast_decode``), or None when too many would be escaped."""
+    escaped = _byte_indices(indices)
+    if escaped is None:
+        return None
+    return _sections(name, tensor, granularity, group_size, base, escaped[0], None, None, row_codes, col_codes, err,
+                     escaped[1])
 
 
 def _encode_whole(name: str, tensor: torch.Tensor, rows: int, cols: int, rel_error: float | None,
@@ -252,10 +263,10 @@ def _encode_whole(name: str, tensor: torch.Tensor, rows: int, cols: int, rel_err
         err = _whole_restored_error(tensor, result.q, result.steps, granularity, group_size) \
             if tensor.dtype != torch.float32 else result.rel_error
     if fast_decode and result.q.size:
-        escaped = _byte_indices(result.q)
-        if escaped is not None:
-            return _sections(name, tensor, granularity, group_size, result.base, escaped[0], None, None,
-                             result.row_codes, result.col_codes, err, escaped[1])
+        fast = _byte_sections(name, tensor, granularity, group_size, result.base, result.q, result.row_codes,
+                              result.col_codes, err)
+        if fast is not None:
+            return fast
     width = pair_width(result.q)
     symbols = result.q.ravel() if width is None else pair_symbols(result.q, width)
     return _sections(name, tensor, granularity, group_size, result.base, symbols, width, None, result.row_codes,
