@@ -57,14 +57,14 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .architectures import CHECKERBOARD_ARCH, HYPERPRIOR_ARCH, build_codec
+from .architectures import build_codec
 from .networks import (
     DEFAULT_LAMBDAS,
     CodecConfig,
@@ -73,6 +73,7 @@ from .networks import (
     crop,
     pad_to_multiple,
 )
+from .threads import ThreadTuner
 
 __all__ = [
     "TrainConfig",
@@ -85,115 +86,9 @@ __all__ = [
     "psnr",
     "evaluate_codec",
     "IMAGE_EXTENSIONS",
-    "ThreadTuner",
-    "add_levels",
-    "add_checkerboard_context",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-
-
-# --------------------------------------------------------------------------
-# growing the level set of a trained model
-# --------------------------------------------------------------------------
-
-_GAIN_TABLES = ("gains.log_gain", "gains.log_inv_gain")
-
-
-def add_levels(state: dict, lambdas: Sequence[float]) -> dict:
-    """A training checkpoint with extra λ levels, every other tensor unchanged.
-
-    Why: a variable-rate model's rate range is set by its λ list; reaching a
-    lower (or higher) rate later should not cost a new run. Only the gain
-    tables (one row per level) grow. A new row is the per-channel *linear
-    extrapolation in log λ* of the two nearest trained rows (interpolation
-    when it falls between them): at high rate the optimal gain scales as
-    ``λ^(1/2)`` and the trained rows follow that law closely, so the new
-    level starts near its final place and needs only a short fine-tune.
-    Adam's first moment of a new row starts at 0 and its second moment is
-    copied from the nearest trained row, so the first updates are not
-    oversized. ``state`` is what :meth:`Trainer.state_dict` returns (or a
-    weights snapshot without ``optimizer``); it is not modified.
-    """
-    old = CodecConfig.from_dict(state["model_config"])
-    added = sorted({float(v) for v in lambdas} - set(old.lambdas))
-    if any(not (math.isfinite(v) and v > 0) for v in added):
-        raise ValueError(f"λ values must be positive and finite, got {added}")
-    if not added:
-        return state
-    new = replace(old, lambdas=tuple(sorted(old.lambdas + tuple(added))))
-    log_old = np.log(np.asarray(old.lambdas, dtype=np.float64))
-    L = len(log_old)
-    sources = []  # per new level: ("copy", i) or ("blend", i, j, t)
-    for lam in new.lambdas:
-        if lam in old.lambdas:
-            sources.append(("copy", old.lambdas.index(lam)))
-            continue
-        i = int(np.clip(np.searchsorted(log_old, math.log(lam)) - 1, 0, L - 2))
-        t = (math.log(lam) - log_old[i]) / (log_old[i + 1] - log_old[i])
-        sources.append(("blend", i, i + 1, t))
-
-    def blend(table: torch.Tensor, i: int, j: int, t: float) -> torch.Tensor:
-        return (1 - t) * table[i] + t * table[j]
-
-    def nearest(table: torch.Tensor, i: int, j: int, t: float) -> torch.Tensor:
-        return table[j if t > 0.5 else i]
-
-    def zero(table: torch.Tensor, i: int, j: int, t: float) -> torch.Tensor:
-        return torch.zeros_like(table[i])
-
-    def grow(table: torch.Tensor, new_row) -> torch.Tensor:
-        """Trained rows copied; a new level's row is ``new_row(table, i, j, t)``."""
-        return torch.stack([table[src[1]] if src[0] == "copy" else new_row(table, *src[1:]) for src in sources])
-
-    out = dict(state)
-    out["model_config"] = new.to_dict()
-    for key in ("model", "ema"):  # the moving average grows the same rows
-        if state.get(key) is not None:
-            weights = dict(state[key])
-            for name in _GAIN_TABLES:
-                weights[name] = grow(weights[name], blend)
-            out[key] = weights
-    if "optimizer" in state:
-        names = [n for n, _ in build_codec(old).named_parameters()]
-        opt = dict(state["optimizer"])
-        opt_state = dict(opt["state"])
-        for name in _GAIN_TABLES:
-            idx = names.index(name)
-            if idx in opt_state:
-                moments = dict(opt_state[idx])
-                moments["exp_avg"] = grow(moments["exp_avg"], zero)
-                moments["exp_avg_sq"] = grow(moments["exp_avg_sq"], nearest)
-                opt_state[idx] = moments
-        opt["state"] = opt_state
-        out["optimizer"] = opt
-    return out
-
-
-def add_checkerboard_context(state: dict, seed: int = 0) -> dict:
-    """A hyperprior training state turned into a checkerboard-context one, same function at first.
-
-    Why: the context model (:mod:`ncz.codec.context`) is a residual on the
-    hyperprior's parameters whose last layer starts at zero, so a trained
-    hyperprior continues as a checkerboard model without a step back. The
-    new tensors are freshly initialised (seeded); the moving average gets the
-    same ones. The optimizer state is dropped (its parameter list changed):
-    the trainer starts a fresh Adam, as after ``--init-from``.
-    """
-    old = CodecConfig.from_dict(state["model_config"])
-    if old.arch == CHECKERBOARD_ARCH:
-        return state
-    if old.arch != HYPERPRIOR_ARCH:
-        raise ValueError(f"cannot add a checkerboard context to architecture {old.arch!r}")
-    new = replace(old, arch=CHECKERBOARD_ARCH)
-    torch.manual_seed(seed)
-    fresh = {k: v for k, v in build_codec(new).state_dict().items() if k.startswith("context_model.")}
-    out = {k: v for k, v in state.items() if k != "optimizer"}
-    out["model_config"] = new.to_dict()
-    out["model"] = {**state["model"], **fresh}
-    if state.get("ema") is not None:
-        out["ema"] = {**state["ema"], **fresh}
-    return out
 
 
 # --------------------------------------------------------------------------
@@ -351,92 +246,6 @@ def evaluate_codec(model: HyperpriorCodec, images: Sequence[torch.Tensor],
         model.autocast_dtype = ac
     report.seconds = time.time() - t0
     return report
-
-
-# --------------------------------------------------------------------------
-# thread tuning
-# --------------------------------------------------------------------------
-
-
-class ThreadTuner:
-    """Choose between 1 and ``n`` intra-op threads by measured step wall time.
-
-    On a shared CPU that is oversubscribed, OpenMP's barrier between the
-    threads of every operator stalls whenever one of them is descheduled:
-    measured here, with a load average of ~10-14 on 2 cores, 2 threads took
-    12-20 s per step against 2-4 s for 1 thread (and 3-5x the CPU time),
-    while on an idle machine 2 threads are ~1.8x faster. The load changes as
-    other jobs come and go, so every ``probe_every`` steps the tuner runs up
-    to ``probe_len`` steps with the other setting (after one warm-up step)
-    and keeps whichever median step time is lower (by more than 10%). A probe
-    whose first measured step is over twice the current median is cut short,
-    and after each probe that does not switch the interval doubles (up to
-    ``max_backoff`` times), so a hopeless setting costs little. A probe also
-    comes after ``probe_after_s`` seconds, however few steps they held: when
-    other jobs start, a step can take ten times longer, and a step-counted
-    interval then kept the worse setting for most of an hour (session 6).
-    """
-
-    def __init__(self, max_threads: int, probe_every: int = 300, probe_len: int = 6, max_backoff: int = 8,
-                 probe_after_s: float = 600.0):
-        self.candidates = sorted({1, max(1, int(max_threads))})
-        self.base_every, self.probe_len, self.max_backoff = probe_every, probe_len, max_backoff
-        self.probe_after_s = probe_after_s
-        self.seconds_since_probe = 0.0
-        self.probe_every = probe_every
-        self.current = self.candidates[0]
-        self.times = {c: [] for c in self.candidates}
-        self.probe: int | None = None
-        self.probe_left = 0
-        self.since_probe = max(0, probe_every - 2 * probe_len)  # first probe comes early
-        torch.set_num_threads(self.current)
-
-    @property
-    def active(self) -> int:
-        return self.probe if self.probe is not None else self.current
-
-    @staticmethod
-    def _median(v: list[float]) -> float:
-        v = sorted(v)
-        return v[len(v) // 2]
-
-    def record(self, dt: float) -> dict | None:
-        """Feed one step's wall time; returns a decision record after each probe."""
-        if len(self.candidates) < 2:
-            return None
-        if self.probe is None:
-            t = self.times[self.current]
-            t.append(dt)
-            del t[:-self.probe_len]
-            self.since_probe += 1
-            self.seconds_since_probe += dt
-            due = self.since_probe >= self.probe_every or self.seconds_since_probe >= self.probe_after_s
-            if due and len(t) >= self.probe_len:
-                self.probe = [c for c in self.candidates if c != self.current][0]
-                self.probe_left = self.probe_len + 1
-                self.times[self.probe] = []
-                torch.set_num_threads(self.probe)
-            return None
-        self.probe_left -= 1
-        if self.probe_left < self.probe_len:  # skip the first (warm-up) step
-            self.times[self.probe].append(dt)
-        cur_t = self._median(self.times[self.current])
-        hopeless = len(self.times[self.probe]) == 1 and self.times[self.probe][0] > 2 * cur_t
-        if self.probe_left > 0 and not hopeless:
-            return None
-        alt_t = self._median(self.times[self.probe])
-        old = self.current
-        if alt_t < 0.9 * cur_t:
-            self.current = self.probe
-            self.probe_every = self.base_every
-        else:
-            self.probe_every = min(self.probe_every * 2, self.base_every * self.max_backoff)
-        self.probe, self.since_probe, self.seconds_since_probe = None, 0, 0.0
-        torch.set_num_threads(self.current)
-        return {"event": "threads", "threads": self.current, "previous": old,
-                "median_s": {str(old): round(cur_t, 4),
-                             str([c for c in self.candidates if c != old][0]): round(alt_t, 4)},
-                "next_probe_in": self.probe_every}
 
 
 # --------------------------------------------------------------------------

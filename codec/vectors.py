@@ -92,7 +92,7 @@ def _trained_hyperprior() -> HyperpriorCodec:
 def _checkerboard_from(hyperprior: HyperpriorCodec) -> HyperpriorCodec:
     """The hyperprior plus a checkerboard context whose last layer is non-zero (zero would code
     exactly as the hyperprior does, and the vector would not pin the context)."""
-    from .train import add_checkerboard_context
+    from .growth import add_checkerboard_context
 
     state = add_checkerboard_context({"model_config": hyperprior.config.to_dict(), "model": hyperprior.state_dict()})
     net = build_codec(CodecConfig.from_dict(state["model_config"])).eval()

@@ -16,8 +16,8 @@ import ncz.format as nf
 from ncz.codec import CodecConfig, Pixels, decode_section, export_codec, load_codec
 from ncz.codec.architectures import CHECKERBOARD_ARCH, build_codec
 from ncz.codec.context import anchor_mask
+from ncz.codec.growth import add_checkerboard_context
 from ncz.codec.image import ImageEncoder, write_image_section
-from ncz.codec.train import add_checkerboard_context
 
 TINY = dict(N=16, M=24)
 

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from ncz.codec.growth import add_levels
 from ncz.codec.networks import (
     GDN,
     CodecConfig,
@@ -15,7 +16,7 @@ from ncz.codec.networks import (
     gaussian_likelihood,
     pad_to_multiple,
 )
-from ncz.codec.train import TrainConfig, Trainer, add_levels, evaluate_codec
+from ncz.codec.train import TrainConfig, Trainer, evaluate_codec
 
 TINY = dict(N=16, M=24, lambdas=(0.002, 0.01, 0.05))
 
@@ -185,7 +186,7 @@ def test_train_loop_writes_log_and_checkpoint(tmp_path):
 
 
 def test_thread_tuner_switches_to_faster_setting():
-    from ncz.codec.train import ThreadTuner
+    from ncz.codec.threads import ThreadTuner
 
     before = torch.get_num_threads()
     try:
@@ -208,7 +209,7 @@ def test_thread_tuner_switches_to_faster_setting():
 
 def test_thread_tuner_probes_after_a_time_too():
     """Steps that slow down tenfold (other jobs started) must not delay the next probe by tenfold."""
-    from ncz.codec.train import ThreadTuner
+    from ncz.codec.threads import ThreadTuner
 
     before = torch.get_num_threads()
     try:

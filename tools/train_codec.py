@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 
 from ncz.codec.architectures import CHECKERBOARD_ARCH
+from ncz.codec.growth import add_checkerboard_context, add_levels
 from ncz.codec.networks import DEFAULT_LAMBDAS, CodecConfig
-from ncz.codec.train import EvalReport, StepReport, TrainConfig, Trainer, add_checkerboard_context, add_levels
+from ncz.codec.train import EvalReport, StepReport, TrainConfig, Trainer
 
 
 def _default_data_root() -> Path:
