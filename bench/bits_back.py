@@ -47,7 +47,8 @@ from PIL import Image
 from ncz.codec import Pixels, load_codec
 from ncz.codec.context import anchor_mask
 from ncz.codec.image import ImageEncoder
-from ncz.codec.networks import gaussian_likelihood, lower_bound
+from ncz.codec.layers import lower_bound
+from ncz.codec.networks import gaussian_likelihood
 from ncz.codec.refine import ContextSurrogate
 from ncz.models import load_state_dict
 

@@ -23,7 +23,8 @@ from PIL import Image
 
 from ncz.codec import Pixels, load_codec
 from ncz.codec.image import ImageEncoder
-from ncz.codec.networks import gaussian_likelihood, lower_bound
+from ncz.codec.layers import lower_bound
+from ncz.codec.networks import gaussian_likelihood
 from ncz.codec.refine import _Relaxation
 
 REPO = Path(__file__).resolve().parent.parent

@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .networks import CodecConfig, HyperpriorCodec, ste_round
+from .layers import ste_round
+from .networks import CodecConfig, HyperpriorCodec
 
 __all__ = ["CheckerboardContext", "CheckerboardCodec", "ContextSurrogate", "anchor_mask", "CHECKERBOARD_ARCH"]
 

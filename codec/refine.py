@@ -73,7 +73,8 @@ from ncz.format import UsageError
 
 from .context import ContextSurrogate, anchor_mask
 from .integer import LEAKY_SLOPE
-from .networks import SubpixelDeconv, gaussian_likelihood, lower_bound
+from .layers import SubpixelDeconv, lower_bound
+from .networks import gaussian_likelihood
 from .weights import CodecRuntime
 
 __all__ = ["SGASchedule", "SGAProgress", "RefineResult", "refine_latents", "DEFAULT_ITERATIONS"]
@@ -279,7 +280,7 @@ class _InverseGDN(torch.autograd.Function):
 class _GradientSynthesis:
     """g_s for the refinement loop: bfloat16 weights and activations, channels-last, custom IGDN backward.
 
-    Built from the coding-only g_s (:func:`~ncz.codec.networks.inference_transform`: sub-pixel
+    Built from the coding-only g_s (:func:`~ncz.codec.layers.inference_transform`: sub-pixel
     convolutions and inverse GDNs); any other layout runs that g_s under autocast instead.
     Same function up to bfloat16 rounding (gradients within ~1 % of float32); the coded
     cost is always evaluated in float32.
@@ -315,7 +316,7 @@ def _inverse_gdn(a: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
 
 
 def _subpixel(a: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """A :class:`~ncz.codec.networks.SubpixelDeconv`: 3×3 convolution to 4× the channels, pixel shuffle."""
+    """A :class:`~ncz.codec.layers.SubpixelDeconv`: 3×3 convolution to 4× the channels, pixel shuffle."""
     return F.pixel_shuffle(F.conv2d(a, weight, bias, padding=1), 2)
 
 

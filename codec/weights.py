@@ -40,7 +40,8 @@ from ncz.models import Recipe, load_state_dict, pack
 from .architectures import ARCHITECTURES, CHECKERBOARD_ARCH, build_codec, is_known_arch
 from .context import CheckerboardCodec, anchor_mask
 from .integer import IntegerContext, IntegerHyperSynthesis, IntegerLayer
-from .networks import CodecConfig, HyperpriorCodec, inference_transform
+from .layers import inference_transform
+from .networks import CodecConfig, HyperpriorCodec
 from .windows import analyze as analyze_windows
 from .windows import synthesize as synthesize_windows
 

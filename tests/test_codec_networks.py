@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ncz.codec.growth import add_levels
+from ncz.codec.layers import GDN
 from ncz.codec.networks import (
-    GDN,
     CodecConfig,
     EntropyBottleneck,
     HyperpriorCodec,
@@ -231,7 +231,7 @@ def test_thread_tuner_probes_after_a_time_too():
 
 
 def test_subpixel_deconv_is_the_same_function():
-    from ncz.codec.networks import SubpixelDeconv
+    from ncz.codec.layers import SubpixelDeconv
 
     torch.manual_seed(3)
     deconv = torch.nn.ConvTranspose2d(6, 5, 5, stride=2, padding=2, output_padding=1)
@@ -243,7 +243,7 @@ def test_subpixel_deconv_is_the_same_function():
 
 
 def test_inference_transforms_match_the_trained_ones():
-    from ncz.codec.networks import AnalysisTransform, SynthesisTransform, inference_transform
+    from ncz.codec.layers import AnalysisTransform, SynthesisTransform, inference_transform
 
     torch.manual_seed(4)
     g_s = SynthesisTransform(16, 24).eval()

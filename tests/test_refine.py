@@ -19,7 +19,8 @@ import ncz.format as nf
 from ncz.codec import CodecConfig, HyperpriorCodec, Pixels, export_codec, load_codec
 from ncz.codec.context import anchor_mask
 from ncz.codec.image import ImageEncoder, decode_section, write_image_section
-from ncz.codec.networks import gaussian_likelihood, lower_bound
+from ncz.codec.layers import lower_bound
+from ncz.codec.networks import gaussian_likelihood
 from ncz.codec.refine import SGAProgress, SGASchedule, _Relaxation, refine_latents
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: tests/conftest.py says why
