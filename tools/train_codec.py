@@ -20,7 +20,8 @@ exit cleanly.
 
 Outputs in ``OUT``: ``latest.pt`` (full state), ``weights_XXXXXXXX.pt``
 (weights-only snapshots), ``train_log.jsonl`` (one JSON record per log
-window / evaluation / checkpoint).
+window / evaluation / checkpoint) and ``curves.png`` (its curves, rewritten
+after every evaluation: ``ncz.tools.train_curves``; needs matplotlib).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from ncz.codec.architectures import CHECKERBOARD_ARCH
 from ncz.codec.growth import add_checkerboard_context, add_levels
 from ncz.codec.networks import DEFAULT_LAMBDAS, CodecConfig
 from ncz.codec.train import EvalReport, StepReport, TrainConfig, Trainer
+from ncz.tools.train_curves import plot_curves, read_log
 
 
 def _default_data_root() -> Path:
@@ -214,8 +216,19 @@ def main(argv=None) -> int:
         (bar.write if bar is not None else print)(msg)
         sys.stdout.flush()
 
+    curves = Path(cfg.out_dir) / "curves.png"
+    plotting = [True]
+
     def on_eval(rep: EvalReport):
         write(_fmt_eval(rep))
+        if plotting[0]:  # the run's curves as a PNG beside its log (needs matplotlib, the bench extra)
+            try:
+                plot_curves(read_log(Path(cfg.out_dir) / "train_log.jsonl"), curves, title=f"{cfg.out_dir}")
+            except ImportError:
+                plotting[0] = False
+                write(f"[curves] {curves} not written: matplotlib is not installed (pip install -e '.[bench]')")
+            except (OSError, ValueError) as exc:  # a plot must never stop a training run
+                write(f"[curves] {curves} not written: {exc}")
 
     def on_ckpt(step: int, path: Path):
         write(f"[checkpoint step {step}] {path}")
