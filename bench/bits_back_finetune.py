@@ -38,7 +38,7 @@ from PIL import Image
 
 from ncz.codec.context import CheckerboardCodec
 from ncz.codec.networks import CodecConfig
-from ncz.codec.train import _to_float, load_image_folder
+from ncz.codec.train import load_image_folder
 from ncz.format import open as open_archive
 from ncz.models import load_state_dict
 
@@ -91,7 +91,9 @@ def bits_back_bits(net: CheckerboardCodec, log_width: torch.Tensor, y_hat: torch
 
 
 def crops_of_training_photos(net: CheckerboardCodec, data: Path, count: int, seed: int) -> torch.Tensor:
-    """y = g_a(x)·gain(level) of ``count`` random 256×256 crops at random levels (g_a is frozen: once)."""
+    """y = g_a(x)·gain(level) of ``count`` (rounded up to a multiple of 8) random 256×256 crops at random
+    levels; g_a is frozen, so it runs once, under bf16 autocast as in training (the Kodak comparison runs
+    in float32)."""
     images = load_image_folder(data, min_size=256)
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -105,7 +107,7 @@ def crops_of_training_photos(net: CheckerboardCodec, data: Path, count: int, see
                 left = int(torch.randint(im.shape[2] - 255, (1,), generator=g))
                 xs.append(im[:, top:top + 256, left:left + 256])
                 qs.append(float(torch.randint(net.num_levels, (1,), generator=g)))
-            out.append(net.analysis(_to_float(torch.stack(xs)), torch.tensor(qs)).float())
+            out.append(net.analysis(torch.stack(xs).float() / 255, torch.tensor(qs)).float())
     net.autocast_dtype = None
     return torch.cat(out)
 

@@ -26,6 +26,8 @@ import torch
 from PIL import Image
 
 from ncz.codec import SGASchedule, load_codec, refine_latents
+from ncz.format import NczError
+from ncz.format import open as open_archive
 
 REPO = Path(__file__).resolve().parent.parent
 CROP = 256
@@ -47,11 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "sga_crops.json")
     args = ap.parse_args(argv)
-    if not args.data.is_dir():
-        print(f"sga_crops: no images at {args.data}", file=sys.stderr)
+    missing = [name for name in args.images if not (args.data / f"{name}.png").is_file()]
+    if missing:
+        print(f"sga_crops: {args.data}: no {missing[0]}.png", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    runtime = load_codec(args.model)
+    try:
+        runtime = load_codec(args.model)
+        with open_archive(runtime.path) as reader:
+            train_steps = int(reader.metadata.get("train_steps", 0) or 0)
+    except (NczError, OSError) as exc:
+        print(f"sga_crops: {exc}", file=sys.stderr)
+        return 1
     rows, start = [], time.time()
     for name in args.images:
         rgb = np.asarray(Image.open(args.data / f"{name}.png").convert("RGB"))
@@ -70,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     mean_fall = {f"{q:g}": float(np.mean([r["fall"] for r in rows if r["quality"] == q])) for q in args.qualities}
     print("mean fall per level: " + ", ".join(f"{q} {100 * v:.2f} %" for q, v in mean_fall.items()))
     result = {"command": "python bench/sga_crops.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "weights": runtime.weights_hash, "weights_path": _shown(runtime.path), "crop": CROP,
+              "weights": runtime.weights_hash, "weights_path": _shown(runtime.path), "train_steps": train_steps,
+              "crop": CROP,
               "threads": args.threads, "rows": rows, "mean_fall": mean_fall, "seconds": round(time.time() - start, 1)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")

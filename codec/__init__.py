@@ -1,7 +1,8 @@
 """ncz.codec: the learned image codec (mean-scale hyperprior with gain units).
 
-- networks and training: :mod:`ncz.codec.networks`, :mod:`ncz.codec.train` (:mod:`ncz.codec.growth`:
-  more levels or a context for a trained state; :mod:`ncz.codec.threads`: threads per step)
+- networks and training: :mod:`ncz.codec.networks` (its building blocks: :mod:`ncz.codec.layers`),
+  :mod:`ncz.codec.train` (:mod:`ncz.codec.growth`: more levels or a context for a trained state;
+  :mod:`ncz.codec.threads`: threads per step)
 - bit-exact integer hyper-synthesis: :mod:`ncz.codec.integer`
 - weights files and the runtime: :func:`load_codec`, :func:`export_codec`
 - files: :func:`encode` / :func:`decode` (one image), :func:`encode_images` / :func:`decode_images`

@@ -33,7 +33,7 @@ def add_levels(state: dict, lambdas: Sequence[float]) -> dict:
     level starts near its final place and needs only a short fine-tune.
     Adam's first moment of a new row starts at 0 and its second moment is
     copied from the nearest trained row, so the first updates are not
-    oversized. ``state`` is what :meth:`Trainer.state_dict` returns (or a
+    oversized. ``state`` is what :meth:`~ncz.codec.train.Trainer.state_dict` returns (or a
     weights snapshot without ``optimizer``); it is not modified.
     """
     old = CodecConfig.from_dict(state["model_config"])

@@ -227,8 +227,8 @@ def main(argv=None) -> int:
             except ImportError:
                 plotting[0] = False
                 write(f"[curves] {curves} not written: matplotlib is not installed (pip install -e '.[bench]')")
-            except (OSError, ValueError) as exc:  # a plot must never stop a training run
-                write(f"[curves] {curves} not written: {exc}")
+            except Exception as exc:  # a plot must never stop a training run
+                write(f"[curves] {curves} not written: {type(exc).__name__}: {exc}")
 
     def on_ckpt(step: int, path: Path):
         write(f"[checkpoint step {step}] {path}")

@@ -9,7 +9,11 @@ Three panels over the training step:
 2. per quality level, the evaluation's rate-distortion objective λ·255²·MSE + bpp of the shipped
    (moving-average) weights, as a change in % from the first evaluation shown: the one number per
    level that falls when the model gets better at its own trade-off;
-3. per level, the evaluation's PSNR and bpp as points, so a level that trades rate for PSNR shows.
+3. per level, the evaluation's (bpp, PSNR) at the first and the last evaluation shown, joined, so a
+   level that trades rate for PSNR shows.
+
+Levels are matched by their λ, not their index, so a run grown with ``--add-lambdas`` in the same
+folder keeps comparing each trade-off with itself.
 
 ``train_codec`` rewrites ``<out>/curves.png`` after every evaluation when matplotlib is installed
 (the ``bench`` extra). Reading is tolerant: lines that are not JSON objects (a run killed mid-write)
@@ -69,32 +73,41 @@ def plot_curves(records: list[dict[str, Any]], output: str | Path, since: int = 
     if train:
         steps = [r["step"] for r in train]
         loss = [r["loss"] for r in train]
-        ax_loss.plot(steps, loss, color="0.75", linewidth=0.6, label="loss (50-step mean)")
+        window = train[-1].get("steps", "")
+        ax_loss.plot(steps, loss, color="0.75", linewidth=0.6, label=f"loss ({window}-step mean)")
         ax_loss.plot(steps, _running_median(loss, 40), color="C0", label="running median (40 windows)")
         ordered = sorted(loss)
         ax_loss.set_ylim(ordered[int(0.01 * (len(loss) - 1))] * 0.95, ordered[int(0.99 * (len(loss) - 1))] * 1.05)
         ax_lr = ax_loss.twinx()
-        ax_lr.plot(steps, [r.get("lr", math.nan) for r in train], color="C3", linewidth=1)
+        ax_lr.plot(steps, [r.get("lr", math.nan) for r in train], color="C3", linewidth=1, label="learning rate")
         ax_lr.set_yscale("log")
         ax_lr.set_ylabel("learning rate", color="C3")
-        ax_loss.legend(loc="upper left", fontsize=8)
+        handles = ax_loss.get_legend_handles_labels()
+        more = ax_lr.get_legend_handles_labels()
+        ax_lr.legend(handles[0] + more[0], handles[1] + more[1], loc="upper left", fontsize=8)  # above both
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("training loss (λ·255²·MSE + bpp)")
     if evals:
-        first = {lv["level"]: _objective(lv) for lv in evals[0]["levels"]}
-        levels = sorted(first)
+        first: dict[float, float] = {}
+        for r in evals:  # each λ's first evaluation (levels added later start where they appear)
+            for lv in r["levels"]:
+                first.setdefault(lv["lam"], _objective(lv))
+        lams = sorted(first)
         cmap = plt.get_cmap("viridis")
-        for i, level in enumerate(levels):
-            color = cmap(i / max(1, len(levels) - 1))
-            pts = [(r["step"], _objective(lv)) for r in evals for lv in r["levels"] if lv["level"] == level]
-            ax_obj.plot([s for s, _ in pts], [100 * (v / first[level] - 1) for _, v in pts], marker=".",
-                        color=color, label=f"level {level}")
-            rd = [(lv["bpp"], lv["psnr"]) for r in (evals[0], evals[-1]) for lv in r["levels"] if lv["level"] == level]
-            ax_rd.plot([b for b, _ in rd], [p for _, p in rd], color=color, marker="o", markersize=3, linewidth=0.8)
+        for i, lam in enumerate(lams):
+            color = cmap(i / max(1, len(lams) - 1))
+            pts = [(r["step"], _objective(lv)) for r in evals for lv in r["levels"] if lv["lam"] == lam]
+            ax_obj.plot([s for s, _ in pts], [100 * (v / first[lam] - 1) for _, v in pts], marker=".",
+                        color=color, label=f"λ {lam:.4g}")
+            rd = [(lv["bpp"], lv["psnr"]) for r in (evals[0], evals[-1]) for lv in r["levels"] if lv["lam"] == lam]
+            ax_rd.plot([b for b, _ in rd], [p for _, p in rd], color=color, linewidth=0.8)
+            ax_rd.plot(*rd[0], marker="o", markersize=4, markerfacecolor="none", color=color)
+            ax_rd.plot(*rd[-1], marker="o", markersize=4, color=color)
         ax_obj.axhline(0, color="0.6", linewidth=0.6)
         ax_obj.legend(fontsize=7, ncol=2)
-        ax_rd.plot([], [], color="0.3", marker="o", markersize=3, linewidth=0.8,
-                   label=f"step {evals[0]['step']:,} → {evals[-1]['step']:,} (per level)")
+        ax_rd.plot([], [], color="0.3", marker="o", markersize=4, markerfacecolor="none", linestyle="none",
+                   label=f"step {evals[0]['step']:,}")
+        ax_rd.plot([], [], color="0.3", marker="o", markersize=4, linestyle="none", label=f"step {evals[-1]['step']:,}")
         ax_rd.legend(fontsize=8, loc="lower right")
     ax_obj.set_xlabel("step")
     ax_obj.set_ylabel("eval objective λ·255²·MSE + bpp, % vs first shown")
@@ -102,13 +115,16 @@ def plot_curves(records: list[dict[str, Any]], output: str | Path, since: int = 
     ax_rd.set_ylabel("eval PSNR (dB)")
     ax_rd.grid(alpha=0.3)
     fig.suptitle(title or "codec training")
-    fig.tight_layout()
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(output)
+    try:
+        fig.tight_layout()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(output)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return output
 
 
