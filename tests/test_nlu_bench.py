@@ -145,13 +145,13 @@ def test_hidden_distillation_measures_every_layer(tmp_path):
     student = copy.deepcopy(teacher).eval()
     ids = torch.tensor([[2, 7, 8, 3, 0], [2, 9, 3, 0, 0]])
     batch = (ids, (ids > 0).long(), torch.tensor([0, 1]), torch.tensor([0, 1]))
-    ce = float(nlu.distilled_loss(None, 0.0, 1.0)(student, batch))
-    same = float(nlu.distilled_loss(None, 0.0, 1.0, teacher, hidden=1.0)(student, batch))
+    ce = float(nlu.distilled_loss(None, 0.0, 1.0)(student, batch).detach())
+    same = float(nlu.distilled_loss(None, 0.0, 1.0, teacher, hidden=1.0)(student, batch).detach())
     assert same == pytest.approx(ce, abs=1e-6)
     with torch.no_grad():
         student.bert.encoder.layer[0].output.dense.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
     moved = nlu.distilled_loss(None, 0.0, 1.0, teacher, hidden=1.0)(student, batch)
-    assert float(moved) > float(nlu.distilled_loss(None, 0.0, 1.0)(student, batch)) + 1e-3
+    assert float(moved.detach()) > float(nlu.distilled_loss(None, 0.0, 1.0)(student, batch).detach()) + 1e-3
     with pytest.raises(ValueError):
         nlu.distilled_loss(None, 0.0, 1.0, hidden=1.0)
 
