@@ -1,8 +1,8 @@
 """The metrics behind the README's rate-distortion numbers (bench/rd.py): MS-SSIM, BD-rate, PSNR.
 
-bench/rd.py implements MS-SSIM and BD-rate itself. The properties below hold for any correct
-implementation and need no cross-check package (BD-rate needs scipy, which rd.py interpolates
-with); where the bench extras are installed
+bench/rd_metrics.py (which bench/rd.py uses) implements MS-SSIM and BD-rate itself. The
+properties below hold for any correct implementation and need no cross-check package (BD-rate
+needs scipy, which rd_metrics.py interpolates with); where the bench extras are installed
 (``pip install -e '.[bench]'``: pytorch-msssim, the implementation CompressAI uses, and
 bjontegaard, with the JVET common-test-conditions piecewise-cubic interpolation) the same
 functions are cross-checked against them, on the shipped Kodak image and on the curves of
@@ -24,6 +24,7 @@ from ncz.codec.train import psnr
 from tests.conftest import REPO, load_bench
 
 rd = load_bench("rd")
+metrics = load_bench("rd_metrics")
 RD_KODAK = json.loads((REPO / "bench" / "results" / "rd_kodak.json").read_text())
 CURVE = ([0.15, 0.3, 0.6, 1.2, 2.0], [27.0, 30.1, 33.4, 36.2, 38.0])  # bpp, dB: a typical image codec's shape
 
@@ -58,29 +59,29 @@ def _scipy() -> None:
 @pytest.mark.parametrize("method", ["pchip", "cubic"])
 def test_bd_rate_of_a_curve_against_itself_is_zero(method):
     _scipy()
-    assert rd.bd_rate(*CURVE, *CURVE, method)["bd_rate"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics.bd_rate(*CURVE, *CURVE, method)["bd_rate"] == pytest.approx(0.0, abs=1e-9)
 
 
 @pytest.mark.parametrize("method", ["pchip", "cubic"])
 def test_bd_rate_of_the_same_curve_at_ten_percent_lower_rate_is_minus_ten_percent(method):
     _scipy()
     cheaper = [0.9 * r for r in CURVE[0]]
-    assert rd.bd_rate(*CURVE, cheaper, CURVE[1], method)["bd_rate"] == pytest.approx(-10.0, abs=1e-6)
-    assert rd.bd_rate(cheaper, CURVE[1], *CURVE, method)["bd_rate"] == pytest.approx(100 / 9, abs=1e-6)
+    assert metrics.bd_rate(*CURVE, cheaper, CURVE[1], method)["bd_rate"] == pytest.approx(-10.0, abs=1e-6)
+    assert metrics.bd_rate(cheaper, CURVE[1], *CURVE, method)["bd_rate"] == pytest.approx(100 / 9, abs=1e-6)
 
 
 def test_ms_ssim_of_an_image_with_itself_is_one_and_falls_with_noise():
     image = _kodim23()[:256, :256]
-    assert rd.ms_ssim(image, image) == pytest.approx(1.0, abs=1e-6)
-    scores = [rd.ms_ssim(image, _noisy(image, sigma)) for sigma in (2, 5, 10, 20, 40)]
+    assert metrics.ms_ssim(image, image) == pytest.approx(1.0, abs=1e-6)
+    scores = [metrics.ms_ssim(image, _noisy(image, sigma)) for sigma in (2, 5, 10, 20, 40)]
     assert all(1.0 > a > b > 0 for a, b in zip(scores, scores[1:])), scores
 
 
 def test_bench_psnr_is_the_codec_psnr():
     """bench/rd.py still has its own PSNR (its owner is moving it); until then it must be the same function."""
     for mse in (0.5, 10.0, 123.4, 6502.0):
-        assert rd.psnr_from_mse(mse) == pytest.approx(psnr(mse, peak=255.0), rel=1e-12)
-    assert rd.psnr_from_mse(0.0) == psnr(0.0, peak=255.0) == math.inf
+        assert metrics.psnr_from_mse(mse) == pytest.approx(psnr(mse, peak=255.0), rel=1e-12)
+    assert metrics.psnr_from_mse(0.0) == psnr(0.0, peak=255.0) == math.inf
 
 
 # --- cross-checks against the packages CompressAI and JVET use (bench extras) ----------------------
@@ -112,7 +113,7 @@ def test_ms_ssim_agrees_with_pytorch_msssim(dtype):
     reference = _pytorch_msssim().ms_ssim
     image, distorted = _ms_ssim_cases()
     for other in distorted:
-        ours = rd.ms_ssim(image, other, dtype=dtype)
+        ours = metrics.ms_ssim(image, other, dtype=dtype)
         theirs = float(reference(_tensor(image), _tensor(other), data_range=255.0, size_average=True))
         assert abs(ours - theirs) < MS_SSIM_TOLERANCE, (ours, theirs)
 
@@ -123,9 +124,9 @@ def test_ms_ssim_is_pytorch_msssim_exactly_given_its_window(monkeypatch):
     from pytorch_msssim.ssim import _fspecial_gauss_1d
 
     window = _fspecial_gauss_1d(11, 1.5).reshape(-1).double()
-    monkeypatch.setattr(rd, "_gaussian_window", lambda *args, **kwargs: window.clone())
+    monkeypatch.setattr(metrics, "_gaussian_window", lambda *args, **kwargs: window.clone())
     image, distorted = _ms_ssim_cases()
-    ours = rd.ms_ssim(image, distorted[0], dtype=torch.float64)
+    ours = metrics.ms_ssim(image, distorted[0], dtype=torch.float64)
     theirs = float(package.ms_ssim(_tensor(image), _tensor(distorted[0]), data_range=255.0, size_average=True))
     assert abs(ours - theirs) < 1e-12, (ours, theirs)
 
@@ -137,7 +138,7 @@ def test_bd_rate_agrees_with_bjontegaard_on_the_measured_curves(other, method):
     PCHIP ones) as bjontegaard computes them."""
     bjontegaard = pytest.importorskip("bjontegaard", reason="bench extra: pip install -e '.[bench]'")
     anchor, test = RD_KODAK["codecs"][other], RD_KODAK["codecs"]["ncz"]
-    ours = rd.bd_rate(anchor["bpp"], anchor["psnr"], test["bpp"], test["psnr"], method)["bd_rate"]
+    ours = metrics.bd_rate(anchor["bpp"], anchor["psnr"], test["bpp"], test["psnr"], method)["bd_rate"]
     theirs = bjontegaard.bd_rate(anchor["bpp"], anchor["psnr"], test["bpp"], test["psnr"], method=method,
                                  require_matching_points=False, min_overlap=0)
     assert abs(ours - theirs) < BD_RATE_TOLERANCE, (ours, theirs)
