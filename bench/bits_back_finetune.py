@@ -39,8 +39,8 @@ from PIL import Image
 from ncz.codec.context import CheckerboardCodec
 from ncz.codec.networks import CodecConfig
 from ncz.codec.train import load_image_folder
+from ncz.codec.weights import float_state
 from ncz.format import open as open_archive
-from ncz.models import load_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = REPO / "codec" / "weights"
@@ -52,12 +52,8 @@ def load_float_model(weights: Path, train_state: Path) -> tuple[CheckerboardCode
     prior from ``train_state``), as ``train_codec --init-from`` loads them."""
     with open_archive(weights) as reader:
         config = CodecConfig.from_dict(reader.metadata["codec"])
-        step = int(reader.metadata.get("train_steps", 0) or 0)
     net = CheckerboardCodec(config)
-    state = {}
-    for path in (weights, train_state):
-        state.update({k: v for k, v in load_state_dict(path).items()
-                      if not k.startswith(("int_hs.", "z_tables.", "int_ctx."))})
+    state, step = float_state(weights, train_state)
     net.load_state_dict(state)
     return net.eval().requires_grad_(False), step
 

@@ -45,7 +45,7 @@ from .networks import CodecConfig, HyperpriorCodec
 from .windows import analyze as analyze_windows
 from .windows import synthesize as synthesize_windows
 
-__all__ = ["CodecRuntime", "export_codec", "load_codec", "default_weights_path", "build_z_tables"]
+__all__ = ["CodecRuntime", "export_codec", "load_codec", "default_weights_path", "build_z_tables", "float_state"]
 
 #: relative RMS error of the quantized float transforms in a weights file (see :func:`weights_recipe`)
 WEIGHT_REL_ERROR = 0.005  # measured: same PSNR as 0.002 (±0.02 dB, kodim01/05/13/23, q 0/3/7), 10% smaller file
@@ -145,6 +145,21 @@ def build_z_tables(net: HyperpriorCodec, tail_mass: float = 1e-9) -> tuple[Frequ
 
 #: float tensors only training needs (the coder runs their integer copies): the train-state file holds them
 TRAIN_ONLY = ("h_s.", "context_model.")
+#: the coder's integer copies and tables: no float network has them
+CODER_ONLY = ("int_hs.", "z_tables.", "int_ctx.")
+
+
+def float_state(*paths: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], int]:
+    """(the float networks' tensors, the largest ``train_steps``) of weights files — a shipped
+    ``default.ncz`` and its ``train-state.ncz`` together give the whole float model, as training
+    continues from them (``train_codec --init-from``)."""
+    state: dict[str, torch.Tensor] = {}
+    step = 0
+    for path in paths:
+        state.update({k: v for k, v in load_state_dict(path).items() if not k.startswith(CODER_ONLY)})
+        with open_archive(path) as reader:
+            step = max(step, int(reader.metadata.get("train_steps", 0) or 0))
+    return state, step
 
 
 def _int_layers_tensors(prefix: str, layers) -> dict[str, torch.Tensor]:
@@ -293,8 +308,7 @@ def load_codec(path: str | os.PathLike[str] | None = None) -> CodecRuntime:
         raise InputError(f"{path}: invalid z tables ({exc})") from exc
     int_context = _load_int_context(tensors, path) if config.arch == CHECKERBOARD_ARCH else None
     net = build_codec(config).eval()
-    missing = net.load_state_dict({k: v for k, v in tensors.items()
-                                   if not k.startswith(("int_hs.", "z_tables.", "int_ctx."))}, strict=False)
+    missing = net.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(CODER_ONLY)}, strict=False)
     absent = [k for k in missing.missing_keys if not k.startswith(TRAIN_ONLY)]
     if absent or missing.unexpected_keys:
         raise InputError(f"{path}: weights do not match the architecture (missing {absent[:3]}, "

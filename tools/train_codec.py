@@ -170,15 +170,9 @@ def main(argv=None) -> int:
         del resume_state
         print(f"resumed from {resume_path} at step {trainer.step}", flush=True)
     elif args.init_from:
-        from ncz.format import open as open_archive
-        from ncz.models import load_state_dict
+        from ncz.codec.weights import float_state
 
-        state, step = {}, 0
-        for path in args.init_from:
-            state.update({k: v for k, v in load_state_dict(path).items()
-                          if not k.startswith(("int_hs.", "z_tables.", "int_ctx."))})
-            with open_archive(path) as reader:
-                step = max(step, int(reader.metadata.get("train_steps", 0) or 0))
+        state, step = float_state(*args.init_from)
         result = trainer.model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not (args.checkerboard and k.startswith("context_model."))]
         if missing:
