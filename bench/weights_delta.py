@@ -13,20 +13,11 @@ two runs share fewer than two levels or measured different images.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _rd_metrics():
-    spec = importlib.util.spec_from_file_location("bench_rd_metrics", Path(__file__).with_name("rd_metrics.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, bpp, psnr, run in (("reference", rb, rp, runs[0]), ("candidate", nb, npsnr, runs[1])):
         steps = run.get("model", {}).get("train_steps")
         print(f"{name} (step {steps}): " + ", ".join(f"{b:.4f}/{p:.2f}" for b, p in zip(bpp, psnr)) + " bpp/dB")
-    bd = _rd_metrics().bd_rate(rb, rp, nb, npsnr, "pchip")["bd_rate"]
+    from rd_metrics import bd_rate  # bench/ is the script's own folder, first on sys.path
+
+    bd = bd_rate(rb, rp, nb, npsnr, "pchip")["bd_rate"]
     print(f"BD-rate of the candidate against the reference at levels {', '.join(f'{q:g}' for q in shared)}: "
           f"{bd:+.2f} %")
     return 0
