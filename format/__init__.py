@@ -29,6 +29,7 @@ from .container import (
     encode_payload,
     open,
     open_bytes,
+    section_overhead,
 )
 from .entropy import BitsBackStack, CategoricalModel, Coder, ConditionalModel, ModelId
 from .entropy_tables import Family, FrequencyTable, ParametricGrid
@@ -58,6 +59,7 @@ __all__ = [
     "atomic_write",
     "EncodedPayload",
     "encode_payload",
+    "section_overhead",
     "open",
     "open_bytes",
     "Codec",

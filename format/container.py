@@ -56,7 +56,7 @@ from .layout import (  # noqa: F401 - re-exported: the container's names live he
     known_kind,
 )
 from .section_codecs import get_codec, require_codec
-from .writer import EncodedPayload, Writer, atomic_write, encode_payload  # re-exported (__all__)
+from .writer import EncodedPayload, Writer, atomic_write, encode_payload, section_overhead  # re-exported (__all__)
 
 __all__ = [
     "MAGIC",
@@ -69,6 +69,7 @@ __all__ = [
     "Reader",
     "EncodedPayload",
     "encode_payload",
+    "section_overhead",
     "atomic_write",
     "open",
     "open_bytes",

@@ -21,6 +21,7 @@ from .checksum import xxh3_64
 from .enums import Codec, Kind, SectionFlag
 from .errors import UsageError
 from .layout import (
+    ALIGNMENT,
     FOOTER,
     FOOTER_MAGIC,
     MAGIC,
@@ -35,7 +36,7 @@ from .layout import (
 )
 from .section_codecs import Buffer, get_codec, require_codec
 
-__all__ = ["Writer", "EncodedPayload", "encode_payload", "atomic_write"]
+__all__ = ["Writer", "EncodedPayload", "encode_payload", "section_overhead", "atomic_write"]
 
 
 # A writer checks the format's rules, not a reader's caps (which a reader may raise).
@@ -124,6 +125,24 @@ class EncodedPayload:
     @property
     def stored_length(self) -> int:
         return len(self.stored)
+
+
+def section_overhead(name: str, kind: int, payload: EncodedPayload, params: Mapping[str, Any] | None = None,
+                     *, aligned: bool | None = None) -> int:
+    """File bytes a section costs besides its payload, for writers choosing between layouts.
+
+    Its table entry (§4.3), exact but for two fields a writer cannot know yet, counted at their
+    usual width: the offset as 5 bytes (a file under 4 GiB) and the checksum as 9; plus, for an
+    aligned payload, the 32 bytes of padding it costs on average (§4.4). A lossless tensor split
+    into byte planes is five sections, so for a small tensor the table, not the payload, decides.
+    """
+    spec = get_codec(int(payload.codec))
+    if aligned is None:
+        aligned = spec is not None and spec.aligned
+    merged = {**dict(params or {}), **dict(payload.params)}
+    entry = [name, int(kind), int(payload.codec), 3, 1 << 31, payload.stored_length, payload.decoded_length,
+             1 << 63, merged]
+    return len(canonical.pack(entry)) + (ALIGNMENT // 2 if aligned else 0)
 
 
 def encode_payload(data: bytes | bytearray | memoryview, codec: Codec,

@@ -36,6 +36,7 @@ from ncz.format import (
     UnsupportedError,
     UsageError,
     encode_payload,
+    section_overhead,
 )
 from ncz.format.entropy import CategoricalModel, symbols_payload
 from ncz.format.layout import REPRESENTATION_HEADS
@@ -123,6 +124,12 @@ class Encoded:
     @property
     def stored_bytes(self) -> int:
         return sum(s.payload.stored_length for s in self.sections)
+
+    @property
+    def file_bytes(self) -> int:
+        """Payload bytes plus what the sections cost in the file's table (and alignment):
+        what choosing this encoding adds to the archive."""
+        return self.stored_bytes + sum(section_overhead(s.name, s.kind, s.payload, s.params) for s in self.sections)
 
     @property
     def bits_per_weight(self) -> float:

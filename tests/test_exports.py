@@ -10,7 +10,7 @@ EXPECTED = {
     "ncz.format": {
         "ALIGNMENT", "MAGIC", "VERSION", "Limits", "Reader", "SectionInfo", "Writer", "atomic_write", "open",
         "open_bytes",
-        "EncodedPayload", "encode_payload",
+        "EncodedPayload", "encode_payload", "section_overhead",
         "Codec", "Kind", "SectionFlag", "NczError", "FormatError", "TruncatedError", "UnsupportedError",
         "VersionError", "ChecksumError", "LimitError", "StreamError", "InputError", "UsageError", "DensityError",
         "entropy", "Coder", "ModelId", "Family", "FrequencyTable", "ParametricGrid", "CategoricalModel",

@@ -80,6 +80,42 @@ def test_lossless_beats_zstd_on_trained_like_weights(tmp_path):
     assert report.tensors[0].stored_bytes < zstd
 
 
+def test_lossless_choice_counts_the_table_entries_of_its_sections(tmp_path):
+    """A LayerNorm's 384 floats: byte planes have the smaller payload but cost five table entries;
+    the writer picks the encoding whose *file* is smaller, and a larger tensor still gets planes."""
+    from ncz.models import lossless
+
+    torch.manual_seed(2)
+    small = (1.0 + 0.05 * torch.randn(384)).float()
+    chosen = lossless.encode_lossless("ln.weight", small)
+    assert [s.kind for s in chosen.sections] == [nf.Kind.TENSOR]
+    matrix = np.frombuffer(small.numpy().tobytes(), dtype=np.uint8).reshape(-1, 4)
+    planes = [lossless._plane_payload(np.ascontiguousarray(matrix[:, k]), 19) for k in range(4)]
+    assert sum(p.stored_length for p, _ in planes) < chosen.stored_bytes  # planes win on payload alone
+    with nf.Writer(tmp_path / "chosen.ncz") as writer:
+        for s in chosen.sections:
+            writer.add_encoded(s.name, s.payload, kind=s.kind, params=s.params)
+    with nf.Writer(tmp_path / "planes.ncz") as writer:
+        writer.add_encoded("ln.weight", nf.encode_payload(b"", nf.Codec.RAW), kind=nf.Kind.BYTE_PLANES,
+                           params={"dtype": "float32", "shape": [384]})
+        for k, (payload, dtype) in enumerate(planes):
+            writer.add_encoded(f"ln.weight#p{k}", payload, kind=nf.Kind.PART, params={"dtype": dtype, "shape": [384]})
+    assert (tmp_path / "chosen.ncz").stat().st_size < (tmp_path / "planes.ncz").stat().st_size
+    larger = lossless.encode_lossless("w", (torch.randn(64, 64) * 0.03).float())
+    assert larger.sections[0].kind == nf.Kind.BYTE_PLANES
+
+
+def test_section_overhead_is_the_table_entry_a_section_adds(tmp_path):
+    payload = nf.encode_payload(bytes(range(200)) * 3, nf.Codec.ZSTD)
+    params = {"dtype": "uint8", "shape": [600]}
+    with nf.Writer(tmp_path / "empty.ncz"):
+        pass
+    with nf.Writer(tmp_path / "one.ncz") as writer:
+        writer.add_encoded("t", payload, kind=nf.Kind.TENSOR, params=params)
+    added = (tmp_path / "one.ncz").stat().st_size - (tmp_path / "empty.ncz").stat().st_size - payload.stored_length
+    # the offset here is 25, one msgpack byte; section_overhead counts the usual 5 (a file under 4 GiB)
+    assert nf.section_overhead("t", nf.Kind.TENSOR, payload, params) == added + 4
+
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
 @pytest.mark.parametrize("target", [0.001, 0.01, 0.1])
 def test_quantized_meets_relative_error(tmp_path, granularity, target):

@@ -139,7 +139,7 @@ def encode_lowrank(name: str, tensor: torch.Tensor, *, rank: int | None = None, 
     encoded = _lowrank_sections(name, tensor, shape, m, n, chosen) if chosen is not None else None
     if rel_error is not None and fallback:
         dense = encode_quantized(name, tensor, rel_error=float(rel_error))
-        if encoded is None or dense.stored_bytes < encoded.stored_bytes:
+        if encoded is None or dense.file_bytes < encoded.file_bytes:
             return dense
     if encoded is None:
         raise UsageError(f"{name}: no rank of a {m}×{n} matrix meets rel_error {rel_error} with fewer parameters")

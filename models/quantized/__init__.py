@@ -15,7 +15,7 @@ from ncz.format import Kind
 
 from ..representation import Representation
 from .calibrated import TensorCalibration, quantize_calibrated
-from .format import check_quantized_head, decode_quantized, encode_quantized
+from .format import QuantizedParts, check_quantized_head, decode_quantized, encode_quantized, read_quantized
 from .pairs import pair_symbols, unpair_symbols
 from .search import quantize, quantize_codes
 from .steps import GRANULARITIES, Quantized, dequantize, step_codes, step_values
@@ -24,6 +24,7 @@ __all__ = [
     "GRANULARITIES",
     "QUANTIZED",
     "Quantized",
+    "QuantizedParts",
     "TensorCalibration",
     "decode_quantized",
     "dequantize",
@@ -32,6 +33,7 @@ __all__ = [
     "quantize",
     "quantize_calibrated",
     "quantize_codes",
+    "read_quantized",
     "step_codes",
     "step_values",
     "unpair_symbols",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -373,7 +374,30 @@ def _escaped_indices(reader: Reader, head: SectionInfo, q: np.ndarray, label: st
     return wide
 
 
-def decode_quantized(head: SectionInfo, reader: Reader) -> torch.Tensor:
+@dataclass(frozen=True)
+class QuantizedParts:
+    """What a ``QUANTIZED`` tensor stores, checked: indices and steps before Ŵ = q · step.
+
+    ``q``: (rows, cols) integer indices; ``steps``: as :func:`~.search.block_steps` takes them
+    (rowcol: the pair of row steps and column scales). For tools that study the code itself
+    (e.g. ``bench/quantizer_bound.py``); :func:`decode_quantized` reconstructs from the same.
+    """
+
+    q: np.ndarray
+    steps: Steps
+    granularity: str
+    group_size: int
+
+    def step_matrix(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The float32 step of every weight of rows ``start:stop``, as the decoder multiplies."""
+        rows, cols = self.q.shape
+        stop = rows if stop is None else stop
+        return np.broadcast_to(block_steps(self.steps, start, stop, cols, self.granularity, self.group_size),
+                               (stop - start, cols))
+
+
+def read_quantized(head: SectionInfo, reader: Reader) -> QuantizedParts:
+    """The checked indices and steps of a ``QUANTIZED`` head (FORMAT.md §5.4)."""
     check_quantized_head(head, reader)
     label, shape, granularity = tensor_label(reader, head), head.params["shape"], head.params["granularity"]
     rows, cols = _view(shape)
@@ -411,9 +435,17 @@ def decode_quantized(head: SectionInfo, reader: Reader) -> torch.Tensor:
         if tuple(col_scales.shape) != (1, cols):
             raise FormatError(f"{label}: column scales have shape {list(col_scales.shape)}, expected {[1, cols]}")
         steps = (steps, col_scales)
+    return QuantizedParts(q.reshape(rows, cols), steps, granularity, group_size)
+
+
+def decode_quantized(head: SectionInfo, reader: Reader) -> torch.Tensor:
+    parts = read_quantized(head, reader)
+    shape, granularity, group_size = head.params["shape"], parts.granularity, parts.group_size
+    (rows, cols), q, steps = parts.q.shape, parts.q, parts.steps
+    count = rows * cols
     # Ŵ = q · step in float32, cast to the dtype: chunk by chunk into the output (no float32 copy of it all)
     out = torch.empty(count, dtype=torch_dtype(head.params["dtype"]))
-    target, q = storage_view(out), q.reshape(rows, cols)
+    target = storage_view(out)
     chunk_rows = max(1, CHUNK_ELEMENTS // max(cols, 1))
     for start in range(0, rows, chunk_rows):
         stop = min(rows, start + chunk_rows)
