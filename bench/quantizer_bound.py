@@ -36,7 +36,6 @@ calibrated on N CLINC150 training queries).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -55,16 +54,6 @@ BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 BINS_PER_STEP = 16
 ECSQ_GAP = 0.5 * math.log2(2 * math.pi * math.e / 12)  # 0.2546 bits: the high-rate loss of uniform scalar cells
-
-
-def _sibling(name: str):
-    key = f"bench_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
 
 
 def differential_entropy(x: np.ndarray, bins_per_unit: int = BINS_PER_STEP) -> float:
@@ -137,9 +126,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     from safetensors.torch import load_file
 
+    import models  # bench/models.py: bench/ is the script's own folder, first on sys.path
     from ncz.models import Recipe, pack
 
-    models = _sibling("models")
     model, tokenizer, source_path = models.load_minilm()
     source = load_file(str(source_path))
     calibration = None
