@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import nlu
+import nlu_task
 
 from ncz.models import QuantAware, finetune_codebooks, product_quantize
 
@@ -31,17 +32,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = nlu.parse_args(["--data", args.data, "--threads", str(args.threads)])
-    data = nlu.read_dataset(settings.data)
-    bert, tokenizer = nlu.minilm()
-    train = nlu.Tokenized(tokenizer, *data.splits["train"], settings.max_length)
-    model = nlu.IntentClassifier(copy.deepcopy(bert), len(data.labels))
+    data = nlu_task.read_dataset(settings.data)
+    bert, tokenizer = nlu_task.minilm()
+    train = nlu_task.Tokenized(tokenizer, *data.splits["train"], settings.max_length)
+    model = nlu_task.IntentClassifier(copy.deepcopy(bert), len(data.labels))
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
     batches = train.epoch(settings.batch, settings.seed)
     model.train()
     for i in range(25):  # 5 warm-up steps, then 20 timed
         if i == 5:
             start = time.perf_counter()
-        loss = nlu.loss_fn(model, train.batch(batches[i]))
+        loss = nlu_task.loss_fn(model, train.batch(batches[i]))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rounding = QuantAware(student, nlu.rest_recipe(settings), refresh_every=settings.refresh_every)
     books, _ = product_quantize(model.bert.embeddings.word_embeddings.weight.detach(), subspaces=settings.subspaces,
                                 centroids=settings.centroids, iterations=2)
-    task_loss = nlu.distilled_loss(None, 0.0, settings.distill_temperature, teacher, settings.distill_hidden)
+    task_loss = nlu_task.distilled_loss(None, 0.0, settings.distill_temperature, teacher, settings.distill_hidden)
     stamps: list[float] = []
 
     def loss_fn(m, batch):
