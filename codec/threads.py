@@ -23,13 +23,19 @@ class ThreadTuner:
     comes after ``probe_after_s`` seconds, however few steps they held: when
     other jobs start, a step can take ten times longer, and a step-counted
     interval then kept the worse setting for most of an hour (session 6).
+    And a probe comes at once when the median step time jumps past
+    ``jump`` times what it was when the setting was chosen: with one
+    single-threaded job beside it, 2 threads went from 0.38 to 3 s per step
+    while 1 thread took ~0.7 (session 10), so even 600 s at the wrong
+    setting cost more than 100 steps.
     """
 
     def __init__(self, max_threads: int, probe_every: int = 300, probe_len: int = 6, max_backoff: int = 8,
-                 probe_after_s: float = 600.0):
+                 probe_after_s: float = 600.0, jump: float = 2.0):
         self.candidates = sorted({1, max(1, int(max_threads))})
         self.base_every, self.probe_len, self.max_backoff = probe_every, probe_len, max_backoff
-        self.probe_after_s = probe_after_s
+        self.probe_after_s, self.jump = probe_after_s, jump
+        self.reference: float | None = None  # median step time when the current setting was chosen
         self.seconds_since_probe = 0.0
         self.probe_every = probe_every
         self.current = self.candidates[0]
@@ -59,6 +65,10 @@ class ThreadTuner:
             self.since_probe += 1
             self.seconds_since_probe += dt
             due = self.since_probe >= self.probe_every or self.seconds_since_probe >= self.probe_after_s
+            if len(t) >= self.probe_len:
+                if self.reference is None:
+                    self.reference = self._median(t)
+                due = due or self._median(t) > self.jump * self.reference
             if due and len(t) >= self.probe_len:
                 self.probe = [c for c in self.candidates if c != self.current][0]
                 self.probe_left = self.probe_len + 1
@@ -77,8 +87,11 @@ class ThreadTuner:
         if alt_t < 0.9 * cur_t:
             self.current = self.probe
             self.probe_every = self.base_every
+            self.times[self.current] = self.times[self.current][-self.probe_len:]
+            self.reference = alt_t
         else:
             self.probe_every = min(self.probe_every * 2, self.base_every * self.max_backoff)
+            self.reference = cur_t
         self.probe, self.since_probe, self.seconds_since_probe = None, 0, 0.0
         torch.set_num_threads(self.current)
         return {"event": "threads", "threads": self.current, "previous": old,

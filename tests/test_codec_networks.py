@@ -230,6 +230,32 @@ def test_thread_tuner_probes_after_a_time_too():
         torch.set_num_threads(before)
 
 
+def test_thread_tuner_probes_when_steps_jump():
+    """A job starting beside training makes 2 threads 8x slower: probe within a few steps, not 600 s."""
+    from ncz.codec.threads import ThreadTuner
+
+    before = torch.get_num_threads()
+    try:
+        tuner = ThreadTuner(2, probe_every=10, probe_len=3, probe_after_s=1e9)
+        fake = {1: 0.7, 2: 0.38}
+        for _ in range(20):
+            tuner.record(fake[tuner.active])
+        while tuner.probe is not None:  # let a scheduled probe finish
+            tuner.record(fake[tuner.active])
+        assert tuner.current == 2
+        tuner.probe_every = 10_000  # the next scheduled probe is far away
+        fake = {1: 0.7, 2: 3.0}
+        steps = 0
+        while tuner.current == 2 and steps < 100:
+            tuner.record(fake[tuner.active])
+            steps += 1
+        assert tuner.current == 1 and steps <= 8
+        probes = sum(tuner.record(fake[tuner.active]) is not None for _ in range(50))
+        assert probes <= 5 and tuner.current == 1  # a steady load: scheduled probes only, no jump probes
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_subpixel_deconv_is_the_same_function():
     from ncz.codec.layers import SubpixelDeconv
 
