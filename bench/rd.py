@@ -91,7 +91,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "bench" / "results" / "rd_kodak.json"
 DEFAULT_PLOT = REPO / "bench" / "results" / "rd_kodak.png"
 PUBLISHED_DIR = REPO / "bench" / "reference"
-GAP_BPP = (0.2, 0.5, 1.2)  # where the PSNR gap to each published curve is reported
 
 # Quality sweeps chosen to span ~0.1-2 bpp on Kodak (and a little beyond).
 SWEEPS: dict[str, list[int]] = {
@@ -101,7 +100,6 @@ SWEEPS: dict[str, list[int]] = {
     "avif": [10, 20, 30, 40, 50, 60, 70, 80],
     "jxl": [5, 10, 20, 30, 40, 50, 60, 70, 80, 90],
 }
-OTHER_CODECS = ("jpeg", "webp", "avif", "jxl")
 AVIF_SPEED = 4
 AVIF_SUBSAMPLING = "4:4:4"
 JXL_EFFORT = 7
@@ -126,6 +124,9 @@ def _sibling(name: str):
 
 
 _metrics = _sibling("rd_metrics")  # MS-SSIM, PSNR, BD-rate and their self-test
+_report = _sibling("rd_report")  # the plot and the Markdown page
+GAP_BPP, OTHER_CODECS, markdown, _write_page = (_report.GAP_BPP, _report.OTHER_CODECS, _report.markdown,
+                                                _report.write_page)
 ms_ssim, mse_rgb, psnr_from_mse, bd_rate, selftest = (_metrics.ms_ssim, _metrics.mse_rgb, _metrics.psnr_from_mse,
                                                       _metrics.bd_rate, _metrics.selftest)
 
@@ -465,179 +466,6 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    styles = {"ncz": ("C3", "o", 2.4), "jpeg": ("C7", "s", 1.2), "webp": ("C2", "^", 1.2), "avif": ("C0", "D", 1.2),
-              "jxl": ("C1", "v", 1.2)}
-    effort_styles = iter([("C4", "*"), ("C8", "P"), ("C9", "X"), ("C6", "h")])
-    curves = []
-    for name, entry in result["codecs"].items():
-        if name.startswith("ncz-"):
-            color, marker = next(effort_styles, (None, "*"))
-            wanted = entry.get("image_names")
-            if wanted and wanted != result["image_names"]:  # measured on fewer images: draw ncz on those too
-                own = f" ({', '.join(wanted)})"
-                curves.append((_on_images(result["codecs"]["ncz"], result["image_names"], wanted), f"ncz{own}",
-                               ("C3", "o", 1.2, ":")))
-            else:
-                own = ""
-            curves.append((entry, f"{name}{own}", (color, marker, 2.4, "-")))
-        else:
-            color, marker, lw = styles.get(name, (None, ".", 1.2))
-            curves.append((entry, name if name == "ncz" else f"{name} ({entry['effort'].split(',')[0]})",
-                           (color, marker, lw, "-")))
-    for entry, label, (color, marker, lw, ls) in curves:
-        axes[0].plot(entry["bpp"], entry["psnr"], marker=marker, color=color, lw=lw, ls=ls, ms=4, label=label)
-        axes[1].plot(entry["bpp"], entry["ms_ssim_db"], marker=marker, color=color, lw=lw, ls=ls, ms=4, label=label)
-    for i, (name, ref) in enumerate(result.get("published", {}).items()):
-        axes[0].plot(ref["bpp"], ref["psnr"], ls="--", marker=".", color=f"C{5 + i}", lw=1.2, ms=4,
-                     label=f"{name} (published)")
-    n = result["images"]
-    axes[0].set(xlabel="bits per pixel (whole file)", ylabel="PSNR-RGB (dB, mean over images)",
-                title=f"Kodak, {n} image{'s' if n != 1 else ''}: PSNR")
-    axes[1].set(xlabel="bits per pixel (whole file)", ylabel="MS-SSIM (dB) = -10 log10(1 - MS-SSIM)",
-                title=f"Kodak, {n} image{'s' if n != 1 else ''}: MS-SSIM")
-    for ax in axes:
-        ax.set_xlim(0, 2.2)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-    model = result.get("model", {})
-    fig.suptitle(f"ncz model {model.get('model_id')} ({model.get('train_steps')} train steps, "
-                 f"sha256 {str(model.get('sha256'))[:12]}…)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _fmt(v: Any, digits: int) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
-
-
-def _percent(v: float | None) -> str:
-    return "–" if v is None else f"{v:.1f}%"
-
-
-def _model_lines(model: dict[str, Any] | None) -> list[str]:
-    if not model:
-        return ["- ncz was not part of this run"]
-    where = (f"training checkpoint `{model['path']}`, exported to weights for this run"
-             if model.get("exported_from_checkpoint") else f"weights: `{model['path']}`")
-    steps = model.get("train_steps")
-    return [f"- {where} ({model['file_bytes']:,} bytes, sha256 `{model['sha256'][:16]}…`)",
-            f"- model id: `{model['model_id']}`; train steps: **{steps if steps is not None else 'not recorded'}** "
-            "(from the weights header metadata)",
-            f"- quality levels: {model['levels']} (λ = {', '.join(f'{v:g}' for v in model['lambdas'])})"]
-
-
-_OTHER_SECTION = re.compile(r"<!-- (\w+): generated by [^>]*-->.*?<!-- /\1 -->\n?", re.DOTALL)
-
-
-def _write_page(path: Path, page: str) -> None:
-    """Write ``page``, keeping the sections other generators own in the same file (each between
-    ``<!-- name: generated by … -->`` and ``<!-- /name -->``, e.g. bench/nlu.py's) after it."""
-    old = path.read_text() if path.exists() else ""
-    kept = [match.group(0) for match in _OTHER_SECTION.finditer(old)]
-    path.write_text(page.rstrip("\n") + "".join("\n\n" + block.rstrip("\n") for block in kept) + "\n")
-
-
-def markdown(result: dict[str, Any], plot_path: Path, md_path: Path) -> str:
-    machine = result["machine"]
-    model = result.get("model")
-    rel_plot = os.path.relpath(plot_path, md_path.parent)
-    title = "Rate-distortion results (Kodak)" + (": encoder efforts" if result.get("bd_rate_effort_vs") else "")
-    lines = [f"# {title}", "",
-             "<!-- generated by bench/rd.py; do not edit by hand -->", "",
-             f"Regenerate: `{result['command']}`"
-             + "".join(f", then `{added['command']}`" for added in result.get("added", [])), "",
-             *(["This is a reduced run. The full benchmark (all Kodak images, every quality level, shipped weights): "
-                f"`python bench/rd.py --data {result.get('dataset', '../shared/data/kodak')} "
-                "--markdown docs/RESULTS.md`", ""]
-               if result["images"] < 24 else []),
-             f"Generated {result['date']} in {result['runtime_s']:.0f} s; "
-             f"{result['images']} Kodak image{'s' if result['images'] != 1 else ''} "
-             f"({', '.join(result['image_names'])}).", "",
-             "## Model", "", *_model_lines(model), "",
-             "## Machine", "",
-             f"- {machine['cpu']}, {machine['logical_cpus']} logical CPUs, {machine.get('mem_gib', '?')} GiB; "
-             f"{machine['threads']} threads per codec"
-             + "".join(f", {k}={v}" for k, v in machine.get("env", {}).items()),
-             f"- Python {machine['python']}, torch {machine['torch']}, Pillow {machine['pillow']}; "
-             f"{machine['platform']}",
-             f"- load average at start / end: {result.get('loadavg_start')} / {result.get('loadavg_end')} "
-             "(times are wall seconds per image and grow with other load on the machine; CPU seconds are in the JSON)",
-             "", "## BD-rate of ncz (PSNR-RGB, PCHIP in log-rate, overlapping PSNR range only)", "",
-             "Negative = ncz needs fewer bits than the other codec for the same PSNR.", "",
-             "| vs | BD-rate (PCHIP) | BD-rate (cubic) | overlap (dB) | note |", "| --- | ---: | ---: | --- | --- |"]
-    for name, bd in result["bd_rate_vs"].items():
-        detail = result["bd_rate_detail"][name]
-        cubic = result["bd_rate_detail_cubic"][name].get("bd_rate")
-        ov = detail.get("overlap_psnr")
-        lines.append(f"| {name} | {_fmt(bd, 1)}{'%' if bd is not None else ''} | {_fmt(cubic, 1)}"
-                     f"{'%' if cubic is not None else ''} | "
-                     f"{f'{ov[0]:.2f}–{ov[1]:.2f}' if ov else 'none'} | {detail.get('note', '')} |")
-    efforts = result.get("bd_rate_effort_vs") or {}
-    if efforts:
-        others = [n for n in OTHER_CODECS if n in result["codecs"]]
-        lines += ["", "## Encoder effort (SGA latent refinement at encode time)", "",
-                  "BD-rate of each slower encoder against the amortized one (`ncz`, effort fast) from the real file "
-                  "sizes, on the images it was measured on; seconds are per image and quality, averaged (encode "
-                  "only: the decoder is the same).", "",
-                  "| " + " | ".join(["codec", "schedule", "images", "enc s/image (wall)", "enc CPU s/image",
-                                     "load avg during", "BD-rate vs ncz", *(f"vs {n}" for n in others)]) + " |",
-                  "| --- | --- | --- | ---: | ---: | --- | "
-                  + " | ".join("---:" for _ in range(len(others) + 1)) + " |"]
-        for key, vs in efforts.items():
-            entry = result["codecs"][key]
-            cpu = [v for v in entry["enc_cpu_s"] if v is not None]
-            load = f"{entry.get('loadavg_start')} → {entry.get('loadavg_end')}" if entry.get("loadavg_start") else "–"
-            schedule = entry.get("schedule", entry["effort"])
-            names = ", ".join(entry.get("image_names") or result["image_names"])
-            lines.append(f"| {key} | {schedule} | {names} | {float(np.mean(entry['enc_s'])):.1f} | "
-                         f"{_fmt(float(np.mean(cpu)) if cpu else None, 1)} | {load} | "
-                         + " | ".join(_percent(vs.get(n)) for n in ("ncz", *others)) + " |")
-    published = result.get("published", {})
-    if published:
-        measured = [n for n in OTHER_CODECS if n in result["codecs"]]
-        lines += ["", "Published curves of the same model family, for scale (not measured here; dashed in the plot). "
-                  "\"ncz vs it\": BD-rate of ncz against the published curve; \"dB below it\": how far ncz's PSNR "
-                  "is under the curve at that bpp (log-bpp interpolation); the other columns: BD-rate of the "
-                  "published curve against the codecs measured above.", "",
-                  "| published | ncz vs it | dB below it at " + ", ".join(f"{b:g}" for b in GAP_BPP) + " bpp | "
-                  + " | ".join(f"it vs {n}" for n in measured) + " | bpp counts | source |",
-                  "| --- | ---: | ---: | " + " | ".join("---:" for _ in measured) + " | --- | --- |"]
-        for name, ref in published.items():
-            cells = [f"{_fmt(ref.get('bd_rate_vs', {}).get(n), 1)}%" for n in measured]
-            gaps = ", ".join(_fmt(ref.get("psnr_gap_db", {}).get(f"{b:g}"), 2) for b in GAP_BPP)
-            lines.append(f"| {name} | {_fmt(ref.get('bd_rate_of_ncz'), 1)}% | {gaps} | {' | '.join(cells)} | "
-                         f"{ref['bpp_counts']} | [{ref['source'].split('/')[4]}]({ref['source']}) |")
-    lines += ["", f"![RD curves]({rel_plot})", "", "## Codecs and settings", ""]
-    for name, entry in result["codecs"].items():
-        lines.append(f"- **{name}**: {entry['effort']}; {entry['version']}")
-    lines += ["", "bpp counts the whole file (ncz: the complete `.ncz` container). PSNR is on 8-bit RGB, the mean of "
-              "per-image PSNRs (the JSON also has the PSNR of the mean MSE). MS-SSIM: 5 scales, Gaussian 11/σ 1.5, "
-              "Wang et al. 2003 weights, per RGB channel and averaged. Times: mean seconds per image, wall and CPU "
-              "(all threads of the process).", ""]
-    for name, entry in result["codecs"].items():
-        lines += [f"### {name}", "",
-                  "| quality | bpp | PSNR (dB) | PSNR of mean MSE | MS-SSIM | enc (s) | dec (s) | enc CPU (s) "
-                  "| dec CPU (s) |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for i, q in enumerate(entry["quality"]):
-            lines.append(f"| {q:g} | {entry['bpp'][i]:.4f} | {entry['psnr'][i]:.2f} | "
-                         f"{entry['psnr_of_mean_mse'][i]:.2f} | "
-                         f"{entry['ms_ssim'][i]:.4f} | {entry['enc_s'][i]:.3f} | {entry['dec_s'][i]:.3f} | "
-                         f"{_fmt(entry['enc_cpu_s'][i], 3)} | {_fmt(entry['dec_cpu_s'][i], 3)} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-
 # --------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------
@@ -772,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         compute_bd(result)
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1))
-        plot(result, plot_path)
+        _report.plot(result, plot_path, _on_images)
         if args.markdown:
             _write_page(Path(args.markdown), markdown(result, plot_path, Path(args.markdown)))
         return 0
@@ -852,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1))
-    plot(result, plot_path)
+    _report.plot(result, plot_path, _on_images)
     if args.markdown:
         _write_page(Path(args.markdown), markdown(result, plot_path, Path(args.markdown)))
     print(json.dumps(result))
