@@ -9,7 +9,7 @@ the fall is reported as a share of the amortized objective (the "coded objective
 the amortized latents" of docs/CODEC.md).
 
     python bench/sga_crops.py [--model W.ncz] [--images kodim03 kodim07 kodim15 kodim23]
-                              [--qualities 0 2 4 6] [--threads 1]
+                              [--qualities 0 2 4 6] [--threads 1] [--schedule default|paper|paper:N|N]
 
 Writes ``bench/results/sga_crops.json`` and prints one line per crop and level.
 """
@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", nargs="+", default=["kodim03", "kodim07", "kodim15", "kodim23"])
     ap.add_argument("--qualities", nargs="+", type=float, default=[0, 2, 4, 6])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--schedule", default="default",
+                    help="default (--effort sga), paper (--effort max: Yang et al.'s 2,000 steps on y and z), "
+                         "paper:N (that shape in N steps) or N (the default schedule in N steps)")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "sga_crops.json")
     args = ap.parse_args(argv)
     missing = [name for name in args.images if not (args.data / f"{name}.png").is_file()]
@@ -61,6 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     except (NczError, OSError) as exc:
         print(f"sga_crops: {exc}", file=sys.stderr)
         return 1
+    kind, _, count = args.schedule.partition(":")
+    if args.schedule == "default":
+        schedule = SGASchedule.default()
+    elif kind == "paper" and (count == "" or count.isdigit()):
+        schedule = SGASchedule.paper(int(count)) if count else SGASchedule.paper()
+    elif args.schedule.isdigit():
+        schedule = SGASchedule(int(args.schedule))
+    else:
+        print(f"sga_crops: --schedule must be default, paper, paper:N or a number, got {args.schedule!r}",
+              file=sys.stderr)
+        return 2
     rows, start = [], time.time()
     for name in args.images:
         rgb = np.asarray(Image.open(args.data / f"{name}.png").convert("RGB"))
@@ -69,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None].float() / 255
         for quality in args.qualities:
             began = time.time()
-            result = refine_latents(runtime, x, (CROP, CROP), quality, SGASchedule.default())
+            result = refine_latents(runtime, x, (CROP, CROP), quality, schedule)
             fall = (result.loss_before - result.loss_after) / result.loss_before
             rows.append({"image": name, "quality": quality, "loss_before": result.loss_before,
                          "loss_after": result.loss_after, "fall": fall, "bpp_after": result.bpp,
@@ -80,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     print("mean fall per level: " + ", ".join(f"{q} {100 * v:.2f} %" for q, v in mean_fall.items()))
     result = {"command": "python bench/sga_crops.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "weights": runtime.weights_hash, "weights_path": _shown(runtime.path), "train_steps": train_steps,
-              "crop": CROP,
+              "crop": CROP, "schedule": args.schedule, "iterations": schedule.iterations,
               "threads": args.threads, "rows": rows, "mean_fall": mean_fall, "seconds": round(time.time() - start, 1)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")

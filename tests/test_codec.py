@@ -323,6 +323,10 @@ def test_cli_effort_and_time_budget(trained_weights, tmp_path, monkeypatch):
     assert seen[-1] == dataclasses.replace(SGASchedule.default(), time_budget=30.0)
     assert main([*base, "-o", str(tmp_path / "n.ncz"), "--effort", "sga", "--sga", "7", "--time-budget", "5"]) == 0
     assert seen[-1] == SGASchedule(7, time_budget=5.0)
+    assert main([*base, "-o", str(tmp_path / "max.ncz"), "--effort", "max"]) == 0
+    assert seen[-1] == SGASchedule.paper()
+    assert main([*base, "-o", str(tmp_path / "max9.ncz"), "--effort", "max", "--sga", "9"]) == 0
+    assert seen[-1] == SGASchedule.paper(9)
     assert main(["decode", str(tmp_path / "sga.ncz"), "-o", str(tmp_path / "sga.png"),
                  "--model", str(trained_weights)]) == 0
     for bad in (["--effort", "fast", "--time-budget", "3"], ["--time-budget", "0"], ["--time-budget", "nan"],
