@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schedule", default="default",
                     help="default (--effort sga), paper (--effort max: Yang et al.'s 2,000 steps on y and z), "
                          "paper:N (that shape in N steps) or N (the default schedule in N steps)")
-    ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "sga_crops.json")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="output (default: bench/results/sga_crops.json, or sga_crops_<schedule>.json for another "
+                         "schedule)")
     args = ap.parse_args(argv)
     missing = [name for name in args.images if not (args.data / f"{name}.png").is_file()]
     if missing:
@@ -67,14 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     kind, _, count = args.schedule.partition(":")
     if args.schedule == "default":
         schedule = SGASchedule.default()
-    elif kind == "paper" and (count == "" or count.isdigit()):
+    elif kind == "paper" and (count == "" or (count.isdigit() and int(count) >= 2)):
         schedule = SGASchedule.paper(int(count)) if count else SGASchedule.paper()
-    elif args.schedule.isdigit():
+    elif args.schedule.isdigit() and int(args.schedule) >= 1:
         schedule = SGASchedule(int(args.schedule))
     else:
-        print(f"sga_crops: --schedule must be default, paper, paper:N or a number, got {args.schedule!r}",
+        print(f"sga_crops: --schedule must be default, paper, paper:N (N >= 2) or a count >= 1, got {args.schedule!r}",
               file=sys.stderr)
         return 2
+    if args.json is None:
+        suffix = "" if args.schedule == "default" else "_" + args.schedule.replace(":", "")
+        args.json = REPO / "bench" / "results" / f"sga_crops{suffix}.json"
     rows, start = [], time.time()
     for name in args.images:
         rgb = np.asarray(Image.open(args.data / f"{name}.png").convert("RGB"))

@@ -330,7 +330,7 @@ def test_cli_effort_and_time_budget(trained_weights, tmp_path, monkeypatch):
     assert main(["decode", str(tmp_path / "sga.ncz"), "-o", str(tmp_path / "sga.png"),
                  "--model", str(trained_weights)]) == 0
     for bad in (["--effort", "fast", "--time-budget", "3"], ["--time-budget", "0"], ["--time-budget", "nan"],
-                ["--effort", "slow"]):
+                ["--effort", "slow"], ["--effort", "max", "--sga", "1"]):
         assert main([*base, "-o", str(tmp_path / "bad.ncz"), *bad]) == 2
     assert not (tmp_path / "bad.ncz").exists()
 

@@ -231,27 +231,35 @@ def test_thread_tuner_probes_after_a_time_too():
 
 
 def test_thread_tuner_probes_when_steps_jump():
-    """A job starting beside training makes 2 threads 8x slower: probe within a few steps, not 600 s."""
+    """A job starting beside training makes 2 threads 3x slower: probe within a few steps, not 600 s."""
     from ncz.codec.threads import ThreadTuner
 
-    before = torch.get_num_threads()
-    try:
-        tuner = ThreadTuner(2, probe_every=10, probe_len=3, probe_after_s=1e9)
-        fake = {1: 0.7, 2: 0.38}
+    def settle(tuner, fake):
         for _ in range(20):
             tuner.record(fake[tuner.active])
         while tuner.probe is not None:  # let a scheduled probe finish
             tuner.record(fake[tuner.active])
-        assert tuner.current == 2
         tuner.probe_every = 10_000  # the next scheduled probe is far away
-        fake = {1: 0.7, 2: 3.0}
+
+    before = torch.get_num_threads()
+    try:
+        tuner = ThreadTuner(2, probe_every=10, probe_len=3, probe_after_s=1e9)
+        settle(tuner, {1: 0.7, 2: 0.38})
+        assert tuner.current == 2
+        fake = {1: 0.7, 2: 1.2}  # past 2x the 0.38 the setting was chosen at, yet under 2x 1 thread's 0.7
         steps = 0
         while tuner.current == 2 and steps < 100:
             tuner.record(fake[tuner.active])
             steps += 1
         assert tuner.current == 1 and steps <= 8
-        probes = sum(tuner.record(fake[tuner.active]) is not None for _ in range(50))
-        assert probes <= 5 and tuner.current == 1  # a steady load: scheduled probes only, no jump probes
+        assert tuner.reference == 0.7  # the new setting's time is the reference now
+        # both settings slow: the probe keeps 2 threads, and its time becomes the reference, so the
+        # steady load does not set off probe after probe
+        tuner = ThreadTuner(2, probe_every=10, probe_len=3, probe_after_s=1e9)
+        settle(tuner, {1: 0.7, 2: 0.38})
+        fake = {1: 1.5, 2: 1.0}
+        decisions = [d for d in (tuner.record(fake[tuner.active]) for _ in range(60)) if d]
+        assert len(decisions) == 1 and decisions[0]["threads"] == 2 and tuner.reference == 1.0
     finally:
         torch.set_num_threads(before)
 

@@ -115,6 +115,9 @@ def test_section_overhead_is_the_table_entry_a_section_adds(tmp_path):
     added = (tmp_path / "one.ncz").stat().st_size - (tmp_path / "empty.ncz").stat().st_size - payload.stored_length
     # the offset here is 25, one msgpack byte; section_overhead counts the usual 5 (a file under 4 GiB)
     assert nf.section_overhead("t", nf.Kind.TENSOR, payload, params) == added + 4
+    raw = nf.encode_payload(bytes(600), nf.Codec.RAW)  # aligned by default: 32 bytes of padding expected
+    assert nf.section_overhead("t", nf.Kind.TENSOR, raw, params) == \
+        nf.section_overhead("t", nf.Kind.TENSOR, raw, params, aligned=False) + 32
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
 @pytest.mark.parametrize("target", [0.001, 0.01, 0.1])

@@ -45,3 +45,27 @@ def test_uniform_quantization_sits_the_space_filling_gap_above_the_bound(tmp_pat
     result = bound.archive_bound(tmp_path / "w.ncz", {"w": weights})
     assert result["quantized_weights"] == weights.numel()
     assert 0.02 < result["ceiling_saving"] < 0.04  # 8.2 index bits per weight at this error: the gap is ~3 %
+
+
+def test_row_and_column_steps_are_divided_out(tmp_path):
+    """rowcol steps (MiniLM's linear layers): X = W / step is the same source whatever the row and
+    column scales, so the bound and the gap match the plain case; the weight-domain bound is lower
+    by ½·(log₂ E[Δ²] − E[log₂ Δ²]), what moving error between rows could take."""
+    torch.manual_seed(1)
+    rows, cols = torch.logspace(-1, 1, 256)[:, None], torch.logspace(-0.5, 0.5, 384)[None, :]
+    weights = torch.randn(256, 384) * rows * cols * 0.02
+    recipe = Recipe.from_dict({"rule": [{"pattern": "*", "representation": "quantized", "rel_error": 0.004,
+                                         "granularity": "rowcol"}]}, "rowcol")
+    pack({"w": weights}, tmp_path / "w.ncz", recipe=recipe)
+    with nf.open(tmp_path / "w.ncz") as reader:
+        parts = read_quantized(reader.info("w"), reader)
+        assert parts.granularity == "rowcol"
+        decoded = decode_quantized(reader.info("w"), reader).numpy()
+        assert np.array_equal(parts.q.astype(np.float32) * parts.step_matrix(), decoded)
+        row = bound.tensor_bound(weights.numpy(), parts)
+    assert abs(row["index_entropy"] - row["slb_bits"] - bound.ECSQ_GAP) < 0.03
+    steps = parts.step_matrix().astype(np.float64)
+    spread = 0.5 * (np.log2(np.mean(steps ** 2)) - np.mean(np.log2(steps ** 2)))
+    assert spread > 0.3  # scales spanning 100x across rows
+    assert abs((row["slb_bits"] - row["slb_weight_bits"]) - spread) < 0.02
+

@@ -254,6 +254,8 @@ def _sga_schedule(args: argparse.Namespace):
     if args.time_budget is not None and not (args.time_budget > 0 and math.isfinite(args.time_budget)):
         raise _Usage(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
     if args.sga:
+        if args.effort == "max" and args.sga < 2:
+            raise _Usage(f"--effort max needs --sga >= 2 (its temperature decays over the iterations), got {args.sga}")
         schedule = SGASchedule.paper(args.sga) if args.effort == "max" else SGASchedule(args.sga)
     elif args.effort == "max":
         schedule = SGASchedule.paper()
@@ -469,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast (default): one pass of the analysis network; sga: refine the latents per image with "
                         "stochastic Gumbel annealing (Yang et al. 2020), 200 iterations, about 9 %% fewer bits at "
                         "the same quality and 35-60 s for a 768x512 image on 2 cores; max: the paper's schedule "
-                        "(2,000 iterations on y and z), on crops 1.4x sga's gain, ~8 min for a 768x512 image")
+                        "(2,000 iterations on y and z), on crops 1.4x sga's gain, an estimated 8 min for a 768x512 "
+                        "image")
     p.add_argument("--sga", type=int, default=0, metavar="N",
                    help="SGA with N iterations (the effort's schedule stretched; without --effort: sga's)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
