@@ -79,7 +79,7 @@ from .weights import CodecRuntime
 
 __all__ = ["SGASchedule", "SGAProgress", "RefineResult", "refine_latents", "DEFAULT_ITERATIONS"]
 
-#: iterations of ``SGASchedule.default()`` (``--effort sga``): ~35 s for a 768×512 image on 2 idle cores
+#: iterations of ``SGASchedule.default()`` (``--effort sga``): 56–58 s for a 768×512 image on 2 idle cores
 DEFAULT_ITERATIONS = 200
 
 

@@ -470,8 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--effort", choices=["fast", "sga", "max"], default=None,
                    help="fast (default): one pass of the analysis network; sga: refine the latents per image with "
                         "stochastic Gumbel annealing (Yang et al. 2020), 200 iterations, about 9 %% fewer bits at "
-                        "the same quality and 35-60 s for a 768x512 image on 2 cores; max: the paper's schedule "
-                        "(2,000 iterations on y and z), on crops 1.4x sga's gain, an estimated 8 min for a 768x512 "
+                        "the same quality and about 1 min for a 768x512 image on 2 cores; max: the paper's schedule "
+                        "(2,000 iterations on y and z), about 1.4x sga's gain, about 16 CPU-min for a 768x512 "
                         "image")
     p.add_argument("--sga", type=int, default=0, metavar="N",
                    help="SGA with N iterations (the effort's schedule stretched; without --effort: sga's)")
