@@ -108,30 +108,46 @@ def crops_of_training_photos(net: CheckerboardCodec, data: Path, count: int, see
     return torch.cat(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_finetune_arguments(ap: argparse.ArgumentParser, *, steps: int, crops: int, lr: float) -> None:
+    """The options of a fine-tuning experiment on frozen shipped weights (shared with bench/smooth_hs.py)."""
     ap.add_argument("--weights", type=Path, default=WEIGHTS / "default.ncz")
     ap.add_argument("--train-state", type=Path, default=WEIGHTS / "train-state.ncz")
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "train_images")
     ap.add_argument("--kodak", type=Path, default=REPO.parent / "shared" / "data" / "kodak")
-    ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--crops", type=int, default=1600)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--crops", type=int, default=crops)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr", type=float, default=lr)
     ap.add_argument("--every", type=int, default=3, help="every n-th Kodak image")
-    ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "bits_back_finetune.json")
-    args = ap.parse_args(argv)
+
+
+def load_finetune_inputs(args: argparse.Namespace, prog: str) -> tuple[CheckerboardCodec, int, torch.Tensor] | None:
+    """(frozen shipped float model, its step, y of the training crops) for the options of
+    :func:`add_finetune_arguments`; None (after a message) when the data is missing."""
     if not args.data.is_dir() or not args.kodak.is_dir():
-        print(f"bits_back_finetune: needs {args.data} and {args.kodak}", file=sys.stderr)
-        return 2
+        print(f"{prog}: needs {args.data} and {args.kodak}", file=sys.stderr)
+        return None
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.time()
     base, step = load_float_model(args.weights, args.train_state)
     ys = crops_of_training_photos(base, args.data, args.crops, seed=1)
     print(f"{len(ys)} crops analysed ({time.time() - start:.0f} s)", flush=True)
+    return base, step, ys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_finetune_arguments(ap, steps=4000, crops=1600, lr=2e-4)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "bits_back_finetune.json")
+    args = ap.parse_args(argv)
+    start = time.time()
+    setup = load_finetune_inputs(args, "bits_back_finetune")
+    if setup is None:
+        return 2
+    base, step, ys = setup
 
     net = copy.deepcopy(base)
     trained = [p for m in (net.h_a, net.h_s, net.entropy_bottleneck, net.context_model) for p in m.parameters()]
