@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bits_back_finetune import add_finetune_arguments, load_finetune_inputs
+from bits_back_finetune import add_finetune_arguments, deterministic_bits, load_finetune_inputs
 from PIL import Image
 
 from ncz.codec import export_codec
@@ -53,14 +53,6 @@ def y_bits(net: CheckerboardCodec, y: torch.Tensor, z_in: torch.Tensor, *, noisy
     mean, raw = net.context_params(anchors_hat, mean, raw)
     target = y + torch.empty_like(y).uniform_(-0.5, 0.5) if noisy_rate else torch.round(y - mean) + mean
     return -torch.log2(net.y_likelihood(target, mean, raw)).sum((1, 2, 3))
-
-
-def coded(net: CheckerboardCodec, y: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
-    """ŷ as the coder reconstructs it from ``z_in``."""
-    mean, raw = net.hyper_params(z_in)
-    anchors_hat = torch.round(y - mean) + mean
-    mean, _ = net.context_params(anchors_hat, mean, raw)
-    return torch.round(y - mean) + mean
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                 z_hat = torch.round(base.hyper_analysis(y))
                 z_noisy = z_hat + torch.empty_like(z_hat).uniform_(-0.5, 0.5)
                 row = []
-                for model in (base, net):
-                    mse = F.mse_loss(base.synthesis(coded(model, y, z_hat), float(level)).clamp(0, 1), x).item()
-                    row += [float(y_bits(model, y, z_hat, noisy_rate=False)) / n, -10 * math.log10(mse),
+                for model in (base, net):  # h_a is frozen, so both code the same ẑ
+                    bits, _, y_hat = deterministic_bits(model, y)
+                    mse = F.mse_loss(base.synthesis(y_hat, float(level)).clamp(0, 1), x).item()
+                    row += [float(bits) / n, -10 * math.log10(mse),
                             float(y_bits(model, y, z_noisy, noisy_rate=False)) / n]
                 rows.append(row)
             acc = np.mean(rows, axis=0)
